@@ -1,5 +1,9 @@
 """A content-addressed cache for results that do not depend on a participant.
 
+Read-only roots (``$BIDS_LLM_ENCODE_PREBUILT``, colon-separated) are searched
+first: a container image carries its prepared models there, while the run
+writes new entries to its own writable root.
+
 Keys are SHA-256 digests of the inputs that determine a result (story content,
 model identity, settings, package version). Values are folders written under a
 temporary name and renamed into place, so a reader never sees half a result and
@@ -92,8 +96,12 @@ class Cache:
     >>> folder = cache.get_or_create("words", key, lambda d: np.save(d / "x.npy", x))  # doctest: +SKIP
     """
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, readonly_roots: list[str | os.PathLike] | None = None):
         self.root = Path(root)
+        if readonly_roots is None:  # e.g. models prepared when a container image was built
+            env = os.environ.get("BIDS_LLM_ENCODE_PREBUILT", "")
+            readonly_roots = [p for p in env.split(os.pathsep) if p]
+        self.readonly_roots = [Path(p) for p in readonly_roots]
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -106,7 +114,8 @@ class Cache:
         return self.root / namespace / key
 
     def has(self, namespace: str, key: str) -> bool:
-        return (self.path(namespace, key) / ".complete").exists()
+        roots = [*self.readonly_roots, self.root]
+        return any((r / namespace / key / ".complete").exists() for r in roots)
 
     def get_or_create(self, namespace: str, key: str, create: Callable[[Path], Any]) -> Path:
         """Return the folder for ``key``, calling ``create(tmp_folder)`` to fill it when absent.
@@ -114,6 +123,9 @@ class Cache:
         ``create`` writes its files into the folder it is given; the folder is
         renamed into place only when ``create`` returns without error.
         """
+        for ro in self.readonly_roots:
+            if (ro / namespace / key / ".complete").exists():
+                return ro / namespace / key
         final = self.path(namespace, key)
         if (final / ".complete").exists():
             log.debug("cache hit %s/%s", namespace, key[:12])
