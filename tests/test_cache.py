@@ -1,0 +1,74 @@
+"""The content-addressed cache: atomic fills, concurrent processes, read-only roots."""
+
+import multiprocessing as mp
+import time
+from pathlib import Path
+
+import pytest
+
+from bids_llm_encode.cache import Cache, atomic_write_bytes, digest
+
+
+def test_digest_changes_with_any_part():
+    assert digest("a", 1) == digest("a", 1)
+    assert digest("a", 1) != digest("a", 2)
+    assert digest({"x": 1, "y": 2}) == digest({"y": 2, "x": 1})
+
+
+def test_fill_once_then_hit(tmp_path):
+    cache, calls = Cache(tmp_path), []
+
+    def create(folder):
+        calls.append(1)
+        (folder / "v.txt").write_text("42")
+
+    a = cache.get_or_create("ns", "k", create)
+    b = cache.get_or_create("ns", "k", create)
+    assert a == b and (a / "v.txt").read_text() == "42" and len(calls) == 1
+    assert cache.has("ns", "k")
+
+
+def test_failed_fill_leaves_nothing(tmp_path):
+    cache = Cache(tmp_path)
+
+    def create(folder):
+        (folder / "half.txt").write_text("x")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        cache.get_or_create("ns", "k", create)
+    assert not cache.has("ns", "k")
+    assert [p.name for p in (tmp_path / "ns").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def _fill(root, log):
+    def create(folder):
+        with open(log, "a") as f:
+            f.write("x")
+        time.sleep(0.5)
+        (folder / "v.txt").write_text("done")
+
+    return (Cache(root).get_or_create("ns", "same", create) / "v.txt").read_text()
+
+
+def test_concurrent_processes_compute_once(tmp_path):
+    log = tmp_path / "calls.log"
+    with mp.get_context("spawn").Pool(4) as pool:
+        out = pool.starmap(_fill, [(tmp_path / "c", log)] * 4)
+    assert out == ["done"] * 4
+    assert log.read_text() == "x"
+
+
+def test_readonly_root_is_searched_first(tmp_path):
+    ro = Cache(tmp_path / "ro")
+    ro.get_or_create("ns", "k", lambda d: (d / "v").write_text("prebuilt"))
+    rw = Cache(tmp_path / "rw", readonly_roots=[tmp_path / "ro"])
+    folder = rw.get_or_create("ns", "k", lambda d: pytest.fail("should not recompute"))
+    assert (folder / "v").read_text() == "prebuilt"
+
+
+def test_atomic_write_bytes(tmp_path):
+    p = tmp_path / "sub" / "f.bin"
+    atomic_write_bytes(p, b"abc")
+    assert p.read_bytes() == b"abc"
+    assert [x.name for x in p.parent.iterdir()] == ["f.bin"]
