@@ -1,0 +1,766 @@
+"""The one writer of every output: BIDS-Derivatives names, sidecars, atomic writes.
+
+Only this module knows where outputs go and what they are called. Stages hand
+it arrays, images and tables; it returns the paths it wrote.
+
+Layout of ``output_dir``::
+
+    dataset_description.json          # DatasetType "derivative", GeneratedBy, SourceDatasets, DatasetLinks
+    .bidsignore                        # the non-standard names below, so the validator passes
+    sub-<X>.html                       # participant report           (report_path)
+    group.html                         # group report                 (group_report_path)
+    sub-<X>/[ses-<Y>/]func/sub-<X>_..._<suffix>.<ext>  (+ .json sidecar)   (path)
+    stimuli/<story>/model-<model>/<name>               (+ .json sidecar)   (story_path)
+    group/[<story>/]<name>                             (+ .json sidecar)   (group_path)
+    logs/config_<level>[_sub-<X>].json                 # resolved configuration (write_config)
+
+Several participant-level processes may write into the same ``output_dir`` at
+once. Every file is written under a temporary name in its final folder and
+renamed into place (``os.replace``), so no reader ever sees half a file; the two
+files that all processes share (``dataset_description.json`` and ``.bidsignore``)
+are read, merged and rewritten while holding an exclusive ``fcntl`` lock on
+``output_dir/.bids_llm_encode.lock``.
+
+Containers: set ``BIDS_LLM_ENCODE_CONTAINER`` to ``docker[:<image tag>]`` or
+``singularity[:<image>]`` (the Dockerfile should do so); otherwise a container
+is detected from ``/.dockerenv`` (Docker) or ``$SINGULARITY_CONTAINER`` /
+``$APPTAINER_CONTAINER`` (Singularity/Apptainer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from .. import __version__
+from ..cache import file_lock
+from ..config import Config
+from ..errors import CantCreateError, DataError, IOFailure, UsageError
+
+log = logging.getLogger(__name__)
+
+CODE_URL = "https://github.com/bids-llm-encode/bids_llm_encode"  # as ``url`` in setup.cfg
+BIDS_VERSION = "1.10.0"
+PIPELINE_NAME = "bids_llm_encode"
+LOCK_NAME = ".bids_llm_encode.lock"
+
+#: BIDS entities in the order they appear in a file name, with the long names
+#: (PyBIDS's) that are accepted as aliases. ``stat`` comes from draft BEP041.
+ENTITY_ORDER: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("sub", ("subject",)),
+    ("ses", ("session",)),
+    ("task", ()),
+    ("acq", ("acquisition",)),
+    ("ce", ("ceagent",)),
+    ("rec", ("reconstruction",)),
+    ("dir", ("direction",)),
+    ("run", ()),
+    ("echo", ()),
+    ("space", ()),
+    ("res", ("resolution",)),
+    ("den", ("density",)),
+    ("label", ()),
+    ("desc", ("description",)),
+    ("stat", ()),
+)
+_INDEX_ENTITIES = {"run", "echo"}
+_ALIASES = {alias: short for short, aliases in ENTITY_ORDER for alias in (short, *aliases)}
+
+#: Suffixes that BIDS(-Derivatives) knows and the validator checks; any other
+#: suffix given to :meth:`DerivativesWriter.path` is listed in ``.bidsignore``.
+STANDARD_SUFFIXES = frozenset({"bold", "boldref", "mask", "dseg", "probseg", "T1w"})
+
+#: Always in ``.bidsignore``: our folders and reports, and the suffixes we write.
+#: (Checked with bids-validator-deno 2.x: ``group/`` leaves ``/group/`` flagged as
+#: NOT_INCLUDED, the anchored ``/group`` does not; a derivative needs no
+#: participants.tsv and no sidecars.)
+BIDSIGNORE_PATTERNS: tuple[str, ...] = (
+    "/stimuli",  # a folder pattern with a trailing "/" still flags the folder itself
+    "/group",
+    "/logs",
+    "*.html",
+    "*_statmap.*",
+    "*_summary.*",
+    "*_design.*",
+    "*_links.*",
+    "*_overlap.*",
+    "*_metrics.*",
+    "*_timeseries.*",
+)
+
+_LABEL_RE = re.compile(r"^[0-9a-zA-Z]+$")
+_INDEX_RE = re.compile(r"^[0-9]+$")
+_SUFFIX_RE = re.compile(r"^[0-9a-zA-Z]+$")
+_NAME_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._+-]*$")
+
+PathLike = Union[str, os.PathLike]
+Sources = Optional[Iterable[Union[PathLike, str]]]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _json_default(obj: Any) -> Any:
+    """Make numpy values, paths and sets JSON-serialisable (for ``json.dumps``)."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
+
+
+def _dumps(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=False, default=_json_default, allow_nan=False) + "\n"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _os_error(exc: OSError, path: Path, what: str) -> Exception:
+    """Map an ``OSError`` to the exit-coded error: 73 for permissions/space/layout, else 74."""
+    cant_create = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
+                   errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.ENAMETOOLONG}
+    msg = (f"cannot {what} {path}: {exc.strerror or exc}. Check that the output folder is "
+           "writable, has free space, and that no file stands where a folder is needed.")
+    return CantCreateError(msg) if exc.errno in cant_create else IOFailure(msg)
+
+
+def _atomic_write(path: Path, write: Callable[[str], None], suffix: str = ".tmp") -> None:
+    """Call ``write(tmp_name)`` for a temporary file in ``path``'s folder, then rename it to ``path``.
+
+    The temporary file is removed when ``write`` fails, so a failed write leaves
+    neither a partial file nor a temporary one, and an older ``path`` intact.
+    The final file gets the usual permissions (0666 less the umask), not the
+    0600 of ``mkstemp``, so that other users (the group level) can read it.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+        os.close(fd)
+    except OSError as exc:
+        raise _os_error(exc, path, "create") from exc
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise _os_error(exc, path, "write") from exc
+        raise
+
+
+def _write_bytes_to(data: bytes) -> Callable[[str], None]:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    return write
+
+
+def _normalise_doi(doi: str) -> str:
+    """``10.x/y``, ``doi:10.x/y`` or ``https://doi.org/10.x/y`` -> ``doi:10.x/y``."""
+    doi = doi.strip()
+    for prefix in ("https://doi.org/", "http://doi.org/", "https://dx.doi.org/",
+                   "http://dx.doi.org/", "doi:", "DOI:"):
+        if doi.startswith(prefix):
+            doi = doi[len(prefix):]
+            break
+    return f"doi:{doi}"
+
+
+def detect_container() -> Optional[dict]:
+    """The ``Container`` object of ``GeneratedBy`` when running in a container, else None.
+
+    Returns
+    -------
+    dict or None
+        ``{"Type": "docker"|"singularity", "Tag": str}`` (``Tag`` when known).
+    """
+    env = os.environ.get("BIDS_LLM_ENCODE_CONTAINER", "").strip()
+    if env:
+        kind, _, tag = env.partition(":")
+        out = {"Type": kind.lower()}
+        if tag:
+            out["Tag"] = tag
+        return out
+    sing = os.environ.get("SINGULARITY_CONTAINER") or os.environ.get("APPTAINER_CONTAINER")
+    if sing:
+        return {"Type": "singularity", "Tag": os.path.basename(sing)}
+    if os.path.exists("/.dockerenv"):
+        return {"Type": "docker", "Tag": f"{PIPELINE_NAME}:{__version__}"}
+    return None
+
+
+def _check_name(value: str, what: str) -> str:
+    """A single path component made of letters, digits, ``._+-`` (no separators, no ``..``)."""
+    if not isinstance(value, str) or not _NAME_RE.match(value) or ".." in value:
+        raise ValueError(f"{what} {value!r} is not a plain file or folder name "
+                         "(letters, digits, '.', '_', '+', '-'; no '/' and no '..')")
+    return value
+
+
+def _strip_prefix(value: str, prefix: str) -> str:
+    return value[len(prefix) + 1:] if value.startswith(prefix + "-") else value
+
+
+# --------------------------------------------------------------------------- the writer
+
+
+class DerivativesWriter:
+    """Writes every output file of a run into a BIDS-Derivatives folder.
+
+    Parameters
+    ----------
+    output_dir : Path
+        The derivatives folder; created when absent.
+    config : Config
+        The run's configuration: ``bids_dir`` and ``derivatives`` (the fMRIPrep
+        folder; default ``bids_dir/derivatives/fmriprep`` when it exists) give
+        the roots of ``bids:raw:`` and ``bids:fmriprep:`` source URIs.
+    source_dataset : Path or None
+        The raw BIDS dataset (default ``config.bids_dir``). Its
+        ``dataset_description.json`` gives the ``DatasetDOI`` for ``SourceDatasets``.
+
+    Raises
+    ------
+    CantCreateError
+        ``output_dir`` cannot be created or written (read-only, a file in the way).
+    UsageError
+        ``output_dir`` is the raw dataset, or holds a raw (non-derivative) dataset.
+    DataError
+        ``output_dir/dataset_description.json`` or the raw one is not a JSON object.
+
+    Notes
+    -----
+    Creating a writer writes (or merges into) ``dataset_description.json`` and
+    ``.bidsignore`` under a file lock, so several participant-level processes may
+    create writers on the same ``output_dir`` at once.
+    """
+
+    def __init__(self, output_dir: PathLike, config: Config, source_dataset: Optional[PathLike] = None):
+        self.config = config
+        self.output_dir = Path(os.path.abspath(output_dir))
+        src = source_dataset if source_dataset is not None else getattr(config, "bids_dir", None)
+        self.source_dataset = Path(os.path.abspath(src)) if src is not None else None
+        deriv = getattr(config, "derivatives", None)
+        if deriv is None and self.source_dataset is not None:
+            candidate = self.source_dataset / "derivatives" / "fmriprep"
+            deriv = candidate if candidate.is_dir() else None
+        self.derivatives_dir = Path(os.path.abspath(deriv)) if deriv is not None else None
+        if self.source_dataset is not None and self.output_dir == self.source_dataset:
+            raise UsageError(f"the output folder {self.output_dir} is the input BIDS dataset; the input "
+                             "is read only: give another output folder (e.g. bids_dir/derivatives/"
+                             f"{PIPELINE_NAME}).")
+        self._ignored: set[str] = set()
+        self._make_output_dir()
+        self._update_dataset_description()
+        self.add_bidsignore(BIDSIGNORE_PATTERNS)
+
+    # ------------------------------------------------------------------ set-up
+
+    def _make_output_dir(self) -> None:
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        except FileExistsError as exc:
+            raise CantCreateError(f"cannot create the output folder {self.output_dir}: a file with "
+                                  "that name is in the way. Remove it or give another output folder.") from exc
+        except OSError as exc:
+            raise CantCreateError(f"cannot create the output folder {self.output_dir}: "
+                                  f"{exc.strerror or exc}. Give a writable output folder.") from exc
+        if not self.output_dir.is_dir():
+            raise CantCreateError(f"the output folder {self.output_dir} is not a folder. "
+                                  "Give another output folder.")
+        probe = self.output_dir / LOCK_NAME
+        try:
+            with open(probe, "a"):
+                pass
+        except OSError as exc:
+            raise CantCreateError(f"cannot write into the output folder {self.output_dir}: "
+                                  f"{exc.strerror or exc}. Give a writable output folder.") from exc
+
+    @contextlib.contextmanager
+    def _locked(self):
+        try:
+            with file_lock(self.output_dir / LOCK_NAME):
+                yield
+        except OSError as exc:
+            raise _os_error(exc, self.output_dir / LOCK_NAME, "lock") from exc
+
+    def _read_json_object(self, path: Path, what: str) -> dict:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DataError(f"{what} {path} is not valid JSON ({exc}). Fix or remove it.") from exc
+        if not isinstance(data, dict):
+            raise DataError(f"{what} {path} must hold a JSON object, not {type(data).__name__}. "
+                            "Fix or remove it.")
+        return data
+
+    def _source_entry(self) -> Optional[dict]:
+        if self.source_dataset is None:
+            return None
+        desc_path = self.source_dataset / "dataset_description.json"
+        entry: dict = {}
+        if desc_path.is_file():
+            raw = self._read_json_object(desc_path, "the input dataset description")
+            doi = raw.get("DatasetDOI")
+            if isinstance(doi, str) and doi.strip():
+                entry["DOI"] = _normalise_doi(doi)
+        else:
+            log.warning("no dataset_description.json in the input dataset %s", self.source_dataset)
+        entry["URL"] = self.source_dataset.as_uri()
+        return entry
+
+    def _description(self, old: dict) -> dict:
+        generated: dict = {"Name": PIPELINE_NAME, "Version": __version__, "CodeURL": CODE_URL}
+        container = detect_container()
+        if container:
+            generated["Container"] = container
+        desc = dict(old)
+        desc.setdefault("Name", f"{PIPELINE_NAME} outputs")
+        desc["BIDSVersion"] = BIDS_VERSION
+        desc["DatasetType"] = "derivative"
+        others = []
+        for g in old.get("GeneratedBy", []) or []:
+            if isinstance(g, dict) and g.get("Name") == PIPELINE_NAME:
+                if g.get("Version") != __version__:
+                    log.warning("%s holds outputs of %s %s; this run (%s) adds to them",
+                                self.output_dir, PIPELINE_NAME, g.get("Version"), __version__)
+            else:
+                others.append(g)
+        if others:
+            log.warning("%s also holds outputs of %s", self.output_dir,
+                        ", ".join(str(g.get("Name")) if isinstance(g, dict) else str(g) for g in others))
+        desc["GeneratedBy"] = [generated, *others]
+        sources = [s for s in old.get("SourceDatasets", []) or [] if isinstance(s, dict)]
+        entry = self._source_entry()
+        if entry is not None:
+            sources = [s for s in sources if s.get("URL") != entry["URL"]
+                       and ("DOI" not in entry or s.get("DOI") != entry["DOI"])]
+            sources.insert(0, entry)
+        if sources:
+            desc["SourceDatasets"] = sources
+        links = dict(old.get("DatasetLinks", {}) or {})
+        if self.source_dataset is not None:
+            links["raw"] = self.source_dataset.as_uri()
+        if self.derivatives_dir is not None:
+            links["fmriprep"] = self.derivatives_dir.as_uri()
+        if links:
+            desc["DatasetLinks"] = links
+        return desc
+
+    def _update_dataset_description(self) -> None:
+        path = self.output_dir / "dataset_description.json"
+        with self._locked():
+            old: dict = {}
+            if path.exists():
+                old = self._read_json_object(path, "the output dataset description")
+                if old.get("DatasetType", "raw") != "derivative":
+                    raise UsageError(f"{path} describes a raw BIDS dataset (DatasetType is not "
+                                     "'derivative'): the output folder must not be a raw dataset. "
+                                     "Give another output folder.")
+            desc = self._description(old)
+            if desc != old:
+                _atomic_write(path, _write_bytes_to(_dumps(desc).encode("utf-8")))
+                log.info("wrote %s", path)
+
+    def add_bidsignore(self, patterns: Iterable[str]) -> None:
+        """Add ``patterns`` (``.gitignore`` style) to ``output_dir/.bidsignore``, keeping what is there.
+
+        Parameters
+        ----------
+        patterns : iterable of str
+            One pattern each, e.g. ``"*_statmap.*"`` or ``"stimuli/"``.
+        """
+        new = [p for p in patterns if p not in self._ignored]
+        if not new:
+            return
+        for p in new:
+            if not p or "\n" in p:
+                raise ValueError(f"bad .bidsignore pattern {p!r}")
+        path = self.output_dir / ".bidsignore"
+        with self._locked():
+            lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+            missing = [p for p in dict.fromkeys(new) if p not in lines]
+            if missing:
+                text = "\n".join([*lines, *missing]) + "\n"
+                _atomic_write(path, _write_bytes_to(text.encode("utf-8")))
+        self._ignored.update(new)
+
+    # ------------------------------------------------------------------ names
+
+    def path(self, entities: Mapping[str, Any], suffix: str, extension: str,
+             datatype: Optional[str] = "func") -> Path:
+        """The path of a participant-level output, named by BIDS entities.
+
+        Parameters
+        ----------
+        entities : mapping
+            Entity values by short (``sub``, ``desc``) or PyBIDS long name
+            (``subject``, ``description``); ``sub`` is required; None values are
+            dropped. Labels are alphanumeric (a ``sub-``/``ses-`` prefix is
+            stripped); ``run`` and ``echo`` are written as given (``1`` or ``"01"``).
+        suffix : str
+            E.g. ``"statmap"``, ``"summary"``. A suffix BIDS does not define is
+            added to ``.bidsignore``.
+        extension : str
+            With or without the leading dot: ``".nii.gz"``, ``"tsv"``.
+        datatype : str or None
+            The folder under ``sub-X[/ses-Y]`` (default ``"func"``); None for none.
+
+        Returns
+        -------
+        Path
+            ``output_dir/sub-X[/ses-Y]/func/sub-X[_ses-Y]_task-..._<suffix><extension>``,
+            entities in the order sub, ses, task, acq, ce, rec, dir, run, echo,
+            space, res, den, label, desc, stat.
+        """
+        values: dict[str, str] = {}
+        for key, value in entities.items():
+            short = _ALIASES.get(key)
+            if short is None:
+                raise ValueError(f"unknown BIDS entity {key!r}; known: {[e for e, _ in ENTITY_ORDER]}")
+            if value is None:
+                continue
+            if short in values:
+                raise ValueError(f"entity {short!r} given twice (as {key!r} and another name)")
+            if isinstance(value, bool) or not isinstance(value, (str, int, np.integer)):
+                raise ValueError(f"entity {key}={value!r} must be a string or an integer")
+            text = str(value)
+            if short in _INDEX_ENTITIES:
+                if not _INDEX_RE.match(text):
+                    raise ValueError(f"entity {key}={value!r} must be a non-negative integer")
+            else:
+                text = _strip_prefix(text, short)
+                if not _LABEL_RE.match(text):
+                    raise ValueError(f"entity {key}={value!r} must be letters and digits only")
+            values[short] = text
+        if "sub" not in values:
+            raise ValueError("a participant-level output needs the 'sub' (subject) entity")
+        if not _SUFFIX_RE.match(suffix or ""):
+            raise ValueError(f"suffix {suffix!r} must be letters and digits only")
+        ext = extension if extension.startswith(".") else f".{extension}"
+        if not re.match(r"^(\.[0-9A-Za-z]+)+$", ext):
+            raise ValueError(f"extension {extension!r} is not like '.nii.gz' or '.tsv'")
+        name = "_".join(f"{k}-{values[k]}" for k, _ in ENTITY_ORDER if k in values)
+        folder = self.output_dir / f"sub-{values['sub']}"
+        if "ses" in values:
+            folder = folder / f"ses-{values['ses']}"
+        if datatype is not None:
+            folder = folder / _check_name(datatype, "datatype")
+        if suffix not in STANDARD_SUFFIXES:
+            self.add_bidsignore([f"*_{suffix}.*"])
+        return folder / f"{name}_{suffix}{ext}"
+
+    def story_path(self, story: str, model: str, name: str) -> Path:
+        """Path of a stimulus-level file shared by all participants.
+
+        Returns ``output_dir/stimuli/<story>/model-<model>/<name>`` (e.g. ``atoms.tsv``).
+        """
+        return (self.output_dir / "stimuli" / _check_name(story, "story")
+                / f"model-{_check_name(model, 'model')}" / _check_name(name, "file name"))
+
+    def group_path(self, name: str, story: Optional[str] = None) -> Path:
+        """Path of a group-level file: ``output_dir/group/[<story>/]<name>``."""
+        folder = self.output_dir / "group"
+        if story is not None:
+            folder = folder / _check_name(story, "story")
+        return folder / _check_name(name, "file name")
+
+    def report_path(self, subject: str) -> Path:
+        """The participant's HTML report: ``output_dir/sub-<X>.html`` (fMRIPrep's place)."""
+        label = _strip_prefix(str(subject), "sub")
+        if not _LABEL_RE.match(label):
+            raise ValueError(f"subject {subject!r} must be letters and digits only")
+        return self.output_dir / f"sub-{label}.html"
+
+    def group_report_path(self) -> Path:
+        """The group HTML report: ``output_dir/group.html``."""
+        return self.output_dir / "group.html"
+
+    def config_path(self, level: str, subject: Optional[str] = None) -> Path:
+        """``output_dir/logs/config_<level>[_sub-<X>].json`` (``logs/`` is in ``.bidsignore``)."""
+        name = f"config_{_check_name(level, 'analysis level')}"
+        if subject is not None:
+            label = _strip_prefix(str(subject), "sub")
+            if not _LABEL_RE.match(label):
+                raise ValueError(f"subject {subject!r} must be letters and digits only")
+            name += f"_sub-{label}"
+        return self.output_dir / "logs" / f"{name}.json"
+
+    # ------------------------------------------------------------------ sources
+
+    def source_uri(self, source: Union[PathLike, str]) -> str:
+        """A BIDS URI for an input file.
+
+        ``bids:raw:<rel>`` under the raw dataset, ``bids:fmriprep:<rel>`` under the
+        fMRIPrep derivatives, ``bids::<rel>`` inside ``output_dir``, the most
+        specific (deepest) folder winning; strings that are already URIs
+        (``bids:``, ``doi:``, ``http(s)://``, ``file://``) are kept; any other
+        path is given as an absolute path.
+        """
+        if isinstance(source, str) and re.match(r"^(bids:|doi:|[a-zA-Z][a-zA-Z0-9+.-]*://)", source):
+            return source
+        raw = os.path.abspath(os.fspath(source))
+        roots = [("", self.output_dir), ("fmriprep", self.derivatives_dir), ("raw", self.source_dataset)]
+        for candidate in (raw, os.path.realpath(raw)):
+            best: Optional[tuple[int, str, str]] = None
+            for name, root in roots:
+                if root is None:
+                    continue
+                for r in {os.fspath(root), os.path.realpath(root)}:
+                    if candidate == r or candidate.startswith(r.rstrip(os.sep) + os.sep):
+                        rel = os.path.relpath(candidate, r).replace(os.sep, "/")
+                        if best is None or len(r) > best[0]:
+                            best = (len(r), name, rel)
+            if best is not None:
+                return f"bids:{best[1]}:{best[2]}"
+        return raw
+
+    def source_uris(self, sources: Sources) -> list[str]:
+        """:meth:`source_uri` of each source (an empty list for None)."""
+        if sources is None:
+            return []
+        if isinstance(sources, (str, os.PathLike)):
+            sources = [sources]
+        return [self.source_uri(s) for s in sources]
+
+    # ------------------------------------------------------------------ writers
+
+    def _check_inside(self, path: PathLike) -> Path:
+        p = Path(os.path.abspath(path))
+        if not (p.parent == self.output_dir or self.output_dir in p.parents):
+            raise ValueError(f"refusing to write {p}: it is outside the output folder {self.output_dir}")
+        return p
+
+    @staticmethod
+    def sidecar_path(path: PathLike) -> Path:
+        """``x.nii.gz`` / ``x.tsv`` / ``x.npz`` -> ``x.json`` (all extensions replaced)."""
+        p = Path(path)
+        stem = p.name.split(".", 1)[0]
+        return p.with_name(f"{stem}.json")
+
+    def _write_sidecar(self, path: Path, sidecar: Mapping[str, Any], sources: Sources) -> None:
+        if not isinstance(sidecar, Mapping) or not str(sidecar.get("Description", "")).strip():
+            raise ValueError(f"the sidecar of {path} needs a non-empty 'Description'")
+        data = dict(sidecar)
+        uris = self.source_uris(sources)
+        if uris or "Sources" not in data:
+            data["Sources"] = list(dict.fromkeys([*data.get("Sources", []), *uris]))
+        side = self.sidecar_path(path)
+        if side == path:
+            raise ValueError(f"{path} is a JSON file: use write_json, which writes no sidecar")
+        _atomic_write(side, _write_bytes_to(_dumps(data).encode("utf-8")))
+
+    def _prepare(self, path: PathLike, sidecar: Optional[Mapping[str, Any]]) -> Path:
+        p = self._check_inside(path)
+        if sidecar is not None and (not isinstance(sidecar, Mapping)
+                                    or not str(sidecar.get("Description", "")).strip()):
+            raise ValueError(f"the sidecar of {p} needs a non-empty 'Description'")
+        return p
+
+    def write_nifti(self, img, path: PathLike, sidecar: Mapping[str, Any], sources: Sources = None) -> Path:
+        """Write a NIfTI image and its JSON sidecar.
+
+        Parameters
+        ----------
+        img : nibabel.Nifti1Image or nibabel.Nifti2Image
+            A map, shape (x, y, z) or (x, y, z, t). Unset spatial/time units are
+            written as mm / s.
+        path : Path
+            From :meth:`path`, ending in ``.nii.gz`` or ``.nii``.
+        sidecar : mapping
+            ``{"Description": ..., **metadata}``.
+        sources : iterable of paths or URIs, optional
+            The inputs, written as ``Sources`` URIs.
+
+        Returns
+        -------
+        Path
+            The final path.
+        """
+        import nibabel as nib
+
+        p = self._prepare(path, sidecar)
+        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+            raise ValueError(f"{p}: expected a nibabel Nifti1Image/Nifti2Image, got {type(img).__name__}")
+        ext = ".nii.gz" if p.name.endswith(".nii.gz") else ".nii" if p.name.endswith(".nii") else None
+        if ext is None:
+            raise ValueError(f"{p}: a NIfTI file name must end in .nii.gz or .nii")
+        out = img.__class__(img.dataobj, img.affine, img.header.copy())
+        xyz, t = out.header.get_xyzt_units()
+        if xyz == "unknown" or (out.ndim > 3 and t == "unknown"):
+            out.header.set_xyzt_units("mm" if xyz == "unknown" else xyz,
+                                      "sec" if t == "unknown" else t)
+        _atomic_write(p, lambda tmp: nib.save(out, tmp), suffix=f".tmp{ext}")
+        self._write_sidecar(p, sidecar, sources)
+        log.debug("wrote %s", p)
+        return p
+
+    def write_tsv(self, df, path: PathLike, sidecar: Mapping[str, Any], sources: Sources = None) -> Path:
+        """Write a table as BIDS TSV (tab-separated, ``n/a`` for missing, no index) and its sidecar.
+
+        Parameters
+        ----------
+        df : pandas.DataFrame
+            Shape (n_rows, n_columns); column names unique strings. Keep the
+            index as a column (``df.reset_index()``) if it matters: it is not written.
+        path : Path
+            Ending in ``.tsv``.
+        sidecar : mapping
+            ``{"Description": ..., "<column>": {"Description": ..., "Units": ...}, ...}``
+            (column keys must name columns of ``df``).
+        sources : iterable of paths or URIs, optional
+
+        Returns
+        -------
+        Path
+        """
+        import pandas as pd
+
+        p = self._prepare(path, sidecar)
+        if not isinstance(df, pd.DataFrame):
+            raise ValueError(f"{p}: expected a pandas DataFrame, got {type(df).__name__}")
+        if not p.name.endswith(".tsv"):
+            raise ValueError(f"{p}: a table's file name must end in .tsv")
+        cols = [str(c) for c in df.columns]
+        if len(set(cols)) != len(cols):
+            raise ValueError(f"{p}: column names must be unique, got {cols}")
+        for key, value in sidecar.items():
+            if isinstance(value, Mapping) and key not in cols:
+                raise ValueError(f"{p}: the sidecar describes column {key!r}, which the table lacks")
+        for c in df.columns:
+            if df[c].dtype == object:
+                bad = df[c].map(lambda v: isinstance(v, str) and any(ch in v for ch in "\t\n\r")).any()
+                if bad:
+                    raise ValueError(f"{p}: column {c!r} has a tab or newline inside a value")
+        text = df.to_csv(sep="\t", na_rep="n/a", index=False, lineterminator="\n")
+        _atomic_write(p, _write_bytes_to(text.encode("utf-8")))
+        self._write_sidecar(p, sidecar, sources)
+        log.debug("wrote %s", p)
+        return p
+
+    def write_json(self, data: Any, path: PathLike, sources: Sources = None) -> Path:
+        """Write JSON data (no sidecar); ``sources`` go into ``data["Sources"]`` (a dict then).
+
+        NaN/inf are refused (not valid JSON); numpy values and paths are converted.
+        """
+        p = self._prepare(path, None)
+        if not p.name.endswith(".json"):
+            raise ValueError(f"{p}: a JSON file name must end in .json")
+        uris = self.source_uris(sources)
+        if uris:
+            if not isinstance(data, Mapping):
+                raise ValueError(f"{p}: sources can only be added to a JSON object")
+            data = dict(data)
+            data["Sources"] = list(dict.fromkeys([*data.get("Sources", []), *uris]))
+        text = _dumps(data)  # fails before any file is made
+        _atomic_write(p, _write_bytes_to(text.encode("utf-8")))
+        log.debug("wrote %s", p)
+        return p
+
+    def write_npz(self, arrays_or_sparse, path: PathLike, sidecar: Mapping[str, Any],
+                  sources: Sources = None) -> Path:
+        """Write arrays (``np.savez_compressed``) or one scipy.sparse matrix (``save_npz``) and a sidecar.
+
+        Parameters
+        ----------
+        arrays_or_sparse : mapping of str to ndarray, or scipy.sparse matrix/array
+            E.g. ``{"D": (n_frames, K), "A": (K, n_neurons)}`` or a sparse
+            loadings matrix (K, n_neurons).
+        path : Path
+            Ending in ``.npz``.
+        """
+        import scipy.sparse as sp
+
+        p = self._prepare(path, sidecar)
+        if not p.name.endswith(".npz"):
+            raise ValueError(f"{p}: file name must end in .npz")
+        if sp.issparse(arrays_or_sparse):
+            mat = arrays_or_sparse
+
+            def write(tmp: str) -> None:
+                with open(tmp, "wb") as fh:
+                    sp.save_npz(fh, mat, compressed=True)
+        elif isinstance(arrays_or_sparse, Mapping):
+            arrays = {}
+            for k, v in arrays_or_sparse.items():
+                a = np.asarray(v)
+                if a.dtype == object:
+                    raise ValueError(f"{p}: array {k!r} has dtype object, which cannot be saved without pickle")
+                arrays[str(k)] = a
+
+            def write(tmp: str) -> None:
+                with open(tmp, "wb") as fh:
+                    np.savez_compressed(fh, **arrays)
+        else:
+            raise ValueError(f"{p}: expected a mapping of arrays or a scipy.sparse matrix, "
+                             f"got {type(arrays_or_sparse).__name__}")
+        _atomic_write(p, write, suffix=".tmp.npz")
+        self._write_sidecar(p, sidecar, sources)
+        log.debug("wrote %s", p)
+        return p
+
+    def write_npy(self, array, path: PathLike, sidecar: Mapping[str, Any], sources: Sources = None) -> Path:
+        """Write one array (``np.save``, no pickle) and its sidecar.
+
+        Parameters
+        ----------
+        array : ndarray, any shape (not dtype object)
+        path : Path
+            Ending in ``.npy``.
+        """
+        p = self._prepare(path, sidecar)
+        if not p.name.endswith(".npy"):
+            raise ValueError(f"{p}: file name must end in .npy")
+        a = np.asarray(array)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as fh:
+                np.save(fh, a, allow_pickle=False)
+
+        _atomic_write(p, write, suffix=".tmp.npy")
+        self._write_sidecar(p, sidecar, sources)
+        log.debug("wrote %s", p)
+        return p
+
+    def write_text(self, text: str, path: PathLike) -> Path:
+        """Write text as UTF-8 (HTML reports), no sidecar."""
+        p = self._prepare(path, None)
+        if not isinstance(text, str):
+            raise ValueError(f"{p}: expected text (str), got {type(text).__name__}")
+        _atomic_write(p, _write_bytes_to(text.encode("utf-8")))
+        log.debug("wrote %s", p)
+        return p
+
+    def write_config(self, resolved: Mapping[str, Any], level: str, subject: Optional[str] = None) -> Path:
+        """Write the resolved configuration (``Config.resolved()``) to :meth:`config_path`.
+
+        A later run of the same level and participant replaces the file.
+        """
+        if not isinstance(resolved, Mapping):
+            raise ValueError(f"the resolved configuration must be a mapping, got {type(resolved).__name__}")
+        return self.write_json(dict(resolved), self.config_path(level, subject))
+
+
+__all__ = ["DerivativesWriter", "detect_container", "ENTITY_ORDER", "BIDSIGNORE_PATTERNS",
+           "STANDARD_SUFFIXES", "BIDS_VERSION", "CODE_URL"]
