@@ -1,0 +1,128 @@
+"""Word events -> HRF -> frame times (method.md, section 2, last step).
+
+Each word is an impulse at its onset (scan time, s) scaled by a neuron's
+activation, convolved with the canonical HRF on a fine grid (TR / oversampling)
+and sampled at the frame times. This is linear in the activations, so the whole
+computation is one matrix: ``X = H @ values`` with ``H`` of shape
+(n_frames, n_words), built once per run. ``H`` reproduces nilearn's
+``compute_regressor`` (zero-duration events, same grid, same HRF, same linear
+interpolation) column by column.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from nilearn.glm.first_level.hemodynamic_models import glover_hrf, spm_hrf
+
+from ..errors import DataError, UsageError
+
+log = logging.getLogger(__name__)
+
+HRFS = {"spm": spm_hrf, "glover": glover_hrf}
+MIN_ONSET = -24.0  # nilearn's default: events earlier than frame_times[0] - 24 s are ignored
+
+
+def _check_frame_times(frame_times) -> np.ndarray:
+    ft = np.asarray(frame_times, dtype=float)
+    if ft.ndim != 1 or ft.size < 2:
+        raise DataError(f"frame_times must be a 1-D array of at least 2 times, got shape {ft.shape}")
+    if not np.all(np.isfinite(ft)) or np.any(np.diff(ft) <= 0):
+        raise DataError("frame_times must be finite and strictly increasing")
+    return ft
+
+
+def words_to_frame_matrix(onsets, frame_times, hrf: str = "spm", oversampling: int = 50) -> np.ndarray:
+    """The linear map from word amplitudes to HRF-convolved frame values.
+
+    Parameters
+    ----------
+    onsets : array-like, shape (n_words,)
+        Word onsets in scan time (s).
+    frame_times : array-like, shape (n_frames,)
+        Acquisition times of the frames (s), increasing.
+    hrf : {"spm", "glover"}
+    oversampling : int
+        Fine-grid points per TR.
+
+    Returns
+    -------
+    H : ndarray, shape (n_frames, n_words), float64
+        Column ``w`` is nilearn's ``compute_regressor`` for a single zero-duration
+        event of amplitude 1 at ``onsets[w]``. Words earlier than
+        ``frame_times[0] - 24`` s get a zero column (as in nilearn).
+    """
+    if hrf not in HRFS:
+        raise UsageError(f"unknown HRF {hrf!r}; choose one of {', '.join(HRFS)}")
+    if int(oversampling) < 1:
+        raise UsageError(f"oversampling must be >= 1, got {oversampling}")
+    oversampling = int(oversampling)
+    ft = _check_frame_times(frame_times)
+    on = np.asarray(onsets, dtype=float).ravel()
+    if not np.all(np.isfinite(on)):
+        raise DataError("word onsets must be finite (interpolate unaligned words first)")
+    n = ft.size
+    t_r = float(np.min(np.diff(ft)))
+    kernel = HRFS[hrf](t_r, oversampling)
+    # the fine grid of nilearn's _sample_condition
+    mini, maxi = ft.min(), ft.max()
+    n_hr = (n - 1) / (maxi - mini) * (maxi * (1 + 1.0 / (n - 1)) - mini - MIN_ONSET) * oversampling + 1
+    grid = np.linspace(mini + MIN_ONSET, maxi * (1 + 1.0 / (n - 1)), int(np.rint(n_hr)))
+    t_on = np.minimum(np.searchsorted(grid, on), grid.size - 1)
+    early = on < ft[0] + MIN_ONSET
+    if early.any():
+        log.warning("%d word(s) start more than 24 s before the first frame and are ignored", int(early.sum()))
+    # linear interpolation of the fine grid at the frame times (scipy interp1d's rule)
+    j = np.clip(np.searchsorted(grid, ft, side="left") - 1, 0, grid.size - 2)
+    a = (ft - grid[j]) / (grid[j + 1] - grid[j])
+    padded = np.concatenate([kernel, [0.0]])
+
+    def taps(idx):
+        lag = idx[:, None] - t_on[None, :]
+        ok = (lag >= 0) & (lag < kernel.size)
+        return np.where(ok, padded[np.clip(lag, 0, kernel.size)], 0.0)
+
+    H = (1 - a)[:, None] * taps(j) + a[:, None] * taps(j + 1)
+    H[:, early] = 0.0
+    return H
+
+
+def frame_series(onsets, values, frame_times, *, hrf: str = "spm", oversampling: int = 50,
+                 zscore: bool = True) -> np.ndarray:
+    """Neuron time series at the frame times.
+
+    Parameters
+    ----------
+    onsets : array-like, shape (n_words,)
+        Word onsets in scan time (s).
+    values : array-like, shape (n_words, n_neurons)
+        Activation of each neuron for each word (impulse amplitudes).
+    frame_times : array-like, shape (n_frames,)
+    hrf : {"spm", "glover"}
+    oversampling : int
+    zscore : bool
+        Z-score each column over frames; constant columns become zeros.
+
+    Returns
+    -------
+    X : ndarray, shape (n_frames, n_neurons), float32
+    """
+    vals = np.asarray(values)
+    if vals.ndim == 1:
+        vals = vals[:, None]
+    on = np.asarray(onsets, dtype=float).ravel()
+    if vals.ndim != 2 or vals.shape[0] != on.size:
+        raise DataError(f"values must have one row per word: {on.size} onsets but values of shape {vals.shape}")
+    H = words_to_frame_matrix(on, frame_times, hrf, oversampling)
+    out = np.empty((H.shape[0], vals.shape[1]), dtype=np.float32)
+    for c0 in range(0, vals.shape[1], 4096):  # float64 products, bounded memory
+        X = H @ vals[:, c0:c0 + 4096].astype(np.float64)
+        if zscore:
+            mean = X.mean(axis=0)
+            std = X.std(axis=0)
+            flat = std <= 1e-12 * np.maximum(1.0, np.abs(mean))
+            X = (X - mean) / np.where(flat, 1.0, std)
+            X[:, flat] = 0.0
+        out[:, c0:c0 + 4096] = X
+    return out
