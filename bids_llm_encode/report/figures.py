@@ -1,0 +1,576 @@
+"""Figures of the participant and group reports.
+
+Each function takes plain arrays, DataFrames or images and returns a
+:class:`matplotlib.figure.Figure` (made without pyplot, so nothing leaks into
+pyplot's global state; :meth:`Section.figure <bids_llm_encode.report.html.Section.figure>`
+renders and closes it). Empty inputs give a figure that says "nothing to
+show" and why, never an exception. Inconsistent inputs (shapes that do not
+agree, required columns absent) raise :class:`~bids_llm_encode.errors.DataError`
+naming what is wrong.
+
+Participant report: :func:`runs_timeline`, :func:`neuron_timecourses`,
+:func:`atoms_figure`, :func:`subgroup_layers_figure`, :func:`cv_r_histogram`,
+:func:`glass_brain`, :func:`correspondence_heatmap`,
+:func:`network_involvement_bars`. Group report: :func:`group_agreement_figure`,
+:func:`model_comparison_figure` (and the participant ones on group data).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from typing import Optional, Sequence
+
+import matplotlib
+
+if "matplotlib.pyplot" not in sys.modules:  # never switch a backend that someone already chose
+    matplotlib.use("Agg")
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from ..errors import DataError
+
+logger = logging.getLogger(__name__)
+
+ACTIVATION_COLOR = "#c0392b"
+DEACTIVATION_COLOR = "#2c6fbb"
+_POSITIVE = {"activation", "activates", "positive", "pos", "+", "1", "+1"}
+_NEGATIVE = {"deactivation", "deactivates", "negative", "neg", "-", "-1"}
+
+
+# ----------------------------------------------------------------- helpers
+def empty_figure(title: str, reason: str = "nothing to show") -> Figure:
+    """A small figure that says there is nothing to show, and why.
+
+    Parameters
+    ----------
+    title : str
+        The figure that would have been drawn.
+    reason : str
+        Why there is nothing (e.g. "no significant voxels").
+    """
+    fig = Figure(figsize=(6, 1.6))
+    ax = fig.add_subplot()
+    ax.set_axis_off()
+    ax.text(0.5, 0.62, title, ha="center", va="center", fontsize=12, weight="bold",
+            transform=ax.transAxes)
+    ax.text(0.5, 0.3, f"Nothing to show: {reason}", ha="center", va="center", fontsize=10,
+            color="#7a3b00", transform=ax.transAxes)
+    return fig
+
+
+def _vector(x, name: str, func: str) -> np.ndarray:
+    arr = np.asarray(x if x is not None else [], dtype=float)
+    if arr.ndim != 1:
+        raise DataError(f"{func}: {name} must be 1-D, got shape {arr.shape}")
+    return arr
+
+
+def _matrix(x, name: str, func: str, n_rows: Optional[int] = None) -> np.ndarray:
+    arr = np.asarray(x if x is not None else np.zeros((0, 0)), dtype=float)
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    if arr.ndim != 2:
+        raise DataError(f"{func}: {name} must be 2-D (frames x series), got shape {arr.shape}")
+    if n_rows is not None and arr.shape[0] != n_rows:
+        raise DataError(f"{func}: {name} has {arr.shape[0]} rows but frame_times has "
+                        f"{n_rows} frames; they must agree")
+    return arr
+
+
+def _require(df, columns: Sequence[str], func: str) -> None:
+    if not isinstance(df, pd.DataFrame):
+        raise DataError(f"{func}: expected a pandas DataFrame, got {type(df).__name__}")
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise DataError(f"{func}: the table lacks column(s) {missing}; it has {list(df.columns)}")
+
+
+def _is_empty(df) -> bool:
+    return df is None or (isinstance(df, pd.DataFrame) and df.empty)
+
+
+def _direction_sign(values: pd.Series, func: str) -> np.ndarray:
+    """+1 for activation, -1 for deactivation (accepts words, +/-, or signed numbers)."""
+    out = np.zeros(len(values))
+    for i, v in enumerate(values):
+        s = str(v).strip().lower()
+        if s in _POSITIVE:
+            out[i] = 1
+        elif s in _NEGATIVE:
+            out[i] = -1
+        else:
+            raise DataError(f"{func}: direction {v!r} is neither activation (+) nor "
+                            "deactivation (-)")
+    return out
+
+
+def _stacked(ax, t: np.ndarray, series: np.ndarray, labels: Sequence[str], color=None) -> None:
+    """Plot columns of ``series`` (T x n) one above the other, each centred and scaled to its range."""
+    n = series.shape[1]
+    for j in range(n):
+        y = series[:, j]
+        if np.isfinite(y).any():
+            y = y - np.nanmean(y)
+            span = np.nanmax(np.abs(y))
+            y = y / (2.2 * span) if span > 0 else y
+        ax.plot(t, y + (n - 1 - j), lw=0.8, color=color or f"C{j % 10}")
+    ax.set_yticks(np.arange(n)[::-1], [str(lab) for lab in labels])
+    ax.set_ylim(-0.7, n - 0.3)
+    if len(t) > 1:
+        ax.set_xlim(t[0], t[-1])
+    ax.set_xlabel("time (s)")
+    ax.spines[["top", "right"]].set_visible(False)
+
+
+# ------------------------------------------------------ participant figures
+def runs_timeline(summary_df: pd.DataFrame) -> Figure:
+    """Per run: the scan, the span of the story within it, frames and word count.
+
+    Parameters
+    ----------
+    summary_df : pandas.DataFrame, shape (n_runs, >= 5)
+        One row per run with columns ``run`` (label), ``n_frames``, ``tr`` (s),
+        ``story_start`` and ``story_end`` (scan time, s) and ``n_words``;
+        optional ``story``.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Grey bar: the scan (0 to n_frames * tr); coloured bar: the story.
+    """
+    title = "Runs"
+    if _is_empty(summary_df):
+        return empty_figure(title, "no runs")
+    func = "runs_timeline"
+    _require(summary_df, ["run", "n_frames", "tr", "story_start", "story_end", "n_words"], func)
+    df = summary_df.reset_index(drop=True)
+    fig = Figure(figsize=(9, 0.9 + 0.55 * len(df)), layout="constrained")
+    ax = fig.add_subplot()
+    for i, row in df.iterrows():
+        y = len(df) - 1 - i
+        scan = float(row["n_frames"]) * float(row["tr"])
+        ax.barh(y, scan, left=0, height=0.6, color="#d5dbe3", edgecolor="#9aa5b1")
+        start, end = float(row["story_start"]), float(row["story_end"])
+        ax.barh(y, end - start, left=start, height=0.36, color="#2b6cb0")
+        story = f"{row['story']}: " if "story" in df.columns else ""
+        ax.text(scan, y, f"  {story}{int(row['n_frames'])} frames x {float(row['tr']):g} s, "
+                f"{int(row['n_words'])} words", va="center", fontsize=8.5)
+    ax.set_yticks(np.arange(len(df))[::-1], [str(r) for r in df["run"]])
+    ax.set_xlabel("scan time (s)")
+    xmax = float((df["n_frames"] * df["tr"]).max())
+    ax.set_xlim(0, xmax * 1.45)
+    ax.set_title("Runs: scan (grey) and story (blue)", loc="left", fontsize=11)
+    ax.spines[["top", "right"]].set_visible(False)
+    return fig
+
+
+def neuron_timecourses(frame_times, X_subset, word_onsets, labels: Sequence[str]) -> Figure:
+    """A few artificial-neuron time courses against the word timeline.
+
+    Parameters
+    ----------
+    frame_times : array, shape (T,)
+        Time (s) of each frame.
+    X_subset : array, shape (T, n)
+        The (HRF-convolved, z-scored) responses of n neurons.
+    word_onsets : array, shape (n_words,)
+        Word onset times (s) on the same clock, drawn as a rug below.
+    labels : sequence of str, length n
+        One label per neuron (e.g. ``"L3:u117"``).
+    """
+    func = "neuron_timecourses"
+    t = _vector(frame_times, "frame_times", func)
+    X = _matrix(X_subset, "X_subset", func, len(t))
+    onsets = _vector(word_onsets, "word_onsets", func)
+    if len(t) == 0 or X.shape[1] == 0:
+        return empty_figure("Neuron time courses", "no frames or no neurons")
+    if len(labels) != X.shape[1]:
+        raise DataError(f"{func}: {len(labels)} labels for {X.shape[1]} neurons")
+    n = X.shape[1]
+    fig = Figure(figsize=(10, 1.2 + 0.55 * n), layout="constrained")
+    ax, rug = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [max(n, 2), 0.6]})
+    _stacked(ax, t, X, labels)
+    ax.set_xlabel("")
+    ax.set_title("Neuron responses (each scaled to its own range)", loc="left", fontsize=11)
+    if len(onsets):
+        rug.eventplot(onsets, colors="k", lineoffsets=0.5, linelengths=0.9, linewidths=0.4)
+    rug.set_yticks([0.5], ["words"])
+    rug.set_ylim(0, 1)
+    rug.set_xlabel("time (s)")
+    rug.spines[["top", "right"]].set_visible(False)
+    return fig
+
+
+def atoms_figure(frame_times, atoms, max_atoms: int = 16) -> Figure:
+    """The dictionary's atoms: stacked time courses and their correlation matrix.
+
+    Parameters
+    ----------
+    frame_times : array, shape (T,)
+    atoms : array, shape (T, K)
+        Columns of D.
+    max_atoms : int
+        At most this many time courses are drawn (the first ones); the
+        heatmap shows all K atoms.
+    """
+    func = "atoms_figure"
+    t = _vector(frame_times, "frame_times", func)
+    D = _matrix(atoms, "atoms", func, len(t))
+    if len(t) < 2 or D.shape[1] == 0:
+        return empty_figure("Atoms", "no atoms or fewer than 2 frames")
+    K = D.shape[1]
+    shown = min(K, max(1, int(max_atoms)))
+    fig = Figure(figsize=(12, max(3.5, 0.4 * shown + 1.2)), layout="constrained")
+    ax, axc = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.7, 1]})
+    _stacked(ax, t, D[:, :shown], [f"atom {k}" for k in range(shown)])
+    more = f" (first {shown} of {K})" if shown < K else ""
+    ax.set_title(f"Atom time courses{more}", loc="left", fontsize=11)
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        corr = np.atleast_2d(np.corrcoef(D, rowvar=False))
+    im = axc.imshow(corr, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+    axc.set_title(f"Correlation between atoms (K = {K})", loc="left", fontsize=11)
+    axc.set_xlabel("atom")
+    axc.set_ylabel("atom")
+    fig.colorbar(im, ax=axc, shrink=0.8, label="Pearson r")
+    return fig
+
+
+def _subgroup_matrix(df: pd.DataFrame, func: str) -> pd.DataFrame:
+    """Atoms x layers counts from long (atom, layer, n_neurons) or wide (atoms x layers) form."""
+    if {"atom", "layer"} <= set(df.columns):
+        count = next((c for c in ("n_neurons", "count", "size") if c in df.columns), None)
+        if count is None:
+            raise DataError(f"{func}: the long table needs a count column "
+                            f"('n_neurons', 'count' or 'size'); it has {list(df.columns)}")
+        mat = df.pivot_table(index="atom", columns="layer", values=count, aggfunc="sum",
+                             fill_value=0)
+    else:
+        mat = df.apply(pd.to_numeric, errors="coerce")
+        if mat.isna().any().any():
+            raise DataError(f"{func}: a wide table (atoms x layers) must be all numbers")
+    return mat.sort_index().sort_index(axis=1)
+
+
+def subgroup_layers_figure(subgroups_df: pd.DataFrame) -> Figure:
+    """Where each atom's neuron sub-group lies across layers, and its size.
+
+    Parameters
+    ----------
+    subgroups_df : pandas.DataFrame
+        Either long form with columns ``atom``, ``layer``, ``n_neurons``
+        (neurons of the sub-group in that layer), or wide form with one row
+        per atom (index) and one column per layer.
+    """
+    func = "subgroup_layers_figure"
+    if _is_empty(subgroups_df):
+        return empty_figure("Sub-groups over layers", "no sub-groups")
+    _require(subgroups_df, [], func)
+    mat = _subgroup_matrix(subgroups_df, func)
+    if mat.size == 0:
+        return empty_figure("Sub-groups over layers", "no sub-groups")
+    K, L = mat.shape
+    fig = Figure(figsize=(11, max(3.0, 0.22 * K + 1.5)), layout="constrained")
+    ax, axs = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [3, 1]})
+    im = ax.imshow(mat.to_numpy(float), aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xticks(np.arange(L), [str(c) for c in mat.columns],
+                  fontsize=7 if L > 20 else 9)
+    step = max(1, K // 32)
+    ax.set_yticks(np.arange(K)[::step], [str(a) for a in mat.index][::step])
+    ax.set_xlabel("layer")
+    ax.set_ylabel("atom")
+    ax.set_title("Sub-group neurons per layer", loc="left", fontsize=11)
+    fig.colorbar(im, ax=ax, shrink=0.8, label="neurons")
+    sizes = mat.sum(axis=1).to_numpy(float)
+    axs.barh(np.arange(K), sizes, color="#4a5568")
+    axs.set_xlabel("sub-group size")
+    axs.set_title("Size", loc="left", fontsize=11)
+    axs.spines[["top", "right"]].set_visible(False)
+    return fig
+
+
+def cv_r_histogram(cv_r, significant) -> Figure:
+    """Distribution of cross-validated prediction r over voxels.
+
+    Parameters
+    ----------
+    cv_r : array, shape (n_voxels,)
+        Held-out correlation of each voxel.
+    significant : array of bool, shape (n_voxels,)
+        Voxels that pass the FDR-controlled permutation test.
+    """
+    func = "cv_r_histogram"
+    r = _vector(cv_r, "cv_r", func)
+    sig = np.asarray(significant if significant is not None else [], dtype=bool)
+    if sig.shape != r.shape:
+        raise DataError(f"{func}: significant has shape {sig.shape}, cv_r {r.shape}; they must agree")
+    finite = np.isfinite(r)
+    if not finite.any():
+        return empty_figure("Cross-validated r", "no voxels with a finite r")
+    r, sig = r[finite], sig[finite]
+    fig = Figure(figsize=(7, 3.6), layout="constrained")
+    ax = fig.add_subplot()
+    lo, hi = min(r.min(), -0.05), max(r.max(), 0.05)
+    bins = np.linspace(lo, hi, 61)
+    ax.hist(r, bins=bins, color="#a0aec0", label=f"all voxels (n = {r.size})")
+    if sig.any():
+        ax.hist(r[sig], bins=bins, color=ACTIVATION_COLOR,
+                label=f"significant (n = {int(sig.sum())}, {100 * sig.mean():.1f}%)")
+    ax.axvline(0, color="k", lw=0.8)
+    ax.axvline(float(np.median(r)), color="#2b6cb0", ls="--", lw=1,
+               label=f"median r = {np.median(r):.3f}")
+    ax.set_xlabel("cross-validated r (held-out data)")
+    ax.set_ylabel("voxels")
+    ax.set_title("Prediction accuracy of the atom encoding model", loc="left", fontsize=11)
+    ax.legend(frameon=False, fontsize=8.5)
+    ax.spines[["top", "right"]].set_visible(False)
+    return fig
+
+
+def glass_brain(stat_img, title: str, threshold: float = 3.1, vmax: Optional[float] = None,
+                plot_abs: bool = False) -> Figure:
+    """A glass-brain view (left, front, right, top) of a statistical map.
+
+    Parameters
+    ----------
+    stat_img : Niimg-like (path or nibabel image), 3D
+        E.g. a z map; positive values in red, negative in blue.
+    title : str
+    threshold : float
+        Absolute values below it are not drawn.
+    vmax : float, optional
+        Colour scale limit; defaults to the map's maximum absolute value.
+    plot_abs : bool
+        Plot |map| (then all in one colour scale).
+    """
+    from nilearn import image, plotting
+
+    func = "glass_brain"
+    try:
+        img = image.load_img(stat_img)
+    except Exception as exc:  # nilearn raises several types for unreadable images
+        raise DataError(f"{func}: cannot read the statistical map {stat_img!r}: {exc}") from exc
+    if img.ndim == 4 and img.shape[3] == 1:
+        img = image.index_img(img, 0)
+    if img.ndim != 3:
+        raise DataError(f"{func}: the map {title!r} must be 3D, got shape {img.shape}")
+    data = np.asarray(img.dataobj, dtype=float)
+    finite = np.abs(data[np.isfinite(data)])
+    if finite.size == 0 or finite.max() == 0:
+        return empty_figure(title, "the map is empty (all zero)")
+    peak = float(finite.max())
+    top = float(vmax) if vmax else max(peak, 1.25 * float(threshold))
+    fig = Figure(figsize=(11, 3.2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "empty mask" when nothing survives
+        plotting.plot_glass_brain(img, display_mode="lzry", plot_abs=plot_abs, colorbar=True,
+                                  threshold=threshold, vmax=top, vmin=None if plot_abs else -top,
+                                  cmap="hot" if plot_abs else "RdBu_r", figure=fig, title=title)
+    if peak < float(threshold):
+        fig.text(0.5, 0.01, f"No voxel reaches |value| >= {threshold:g} (peak {peak:.3g}).",
+                 ha="center", fontsize=9, color="#7a3b00")
+    return fig
+
+
+def _correspondence_matrix(corr_df: pd.DataFrame, func: str):
+    """Signed dice (atoms x networks) and markers of linked cells."""
+    _require(corr_df, ["atom", "network", "direction", "dice"], func)
+    df = corr_df.copy()
+    df["sign"] = _direction_sign(df["direction"], func)
+    df["signed"] = df["sign"] * pd.to_numeric(df["dice"], errors="coerce").fillna(0).abs()
+    df["linked"] = df["linked"].astype(bool) if "linked" in df.columns else False
+    atoms = sorted(df["atom"].unique(), key=_natural_key)
+    nets = list(dict.fromkeys(df["network"]))
+    values = np.zeros((len(atoms), len(nets)))
+    marks = np.full((len(atoms), len(nets)), "", dtype=object)
+    ai = {a: i for i, a in enumerate(atoms)}
+    ni = {n: j for j, n in enumerate(nets)}
+    for row in df.itertuples(index=False):
+        i, j = ai[row.atom], ni[row.network]
+        if abs(row.signed) > abs(values[i, j]):  # the stronger of activation / deactivation
+            values[i, j] = row.signed
+        if row.linked:
+            mark = "+" if row.sign > 0 else "\u2212"
+            marks[i, j] = "\u00b1" if marks[i, j] and marks[i, j] != mark else mark
+    return atoms, nets, values, marks
+
+
+def _natural_key(x):
+    try:
+        return (0, float(x), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(x))
+
+
+def correspondence_heatmap(corr_df: pd.DataFrame) -> Figure:
+    """Overlap of each atom's map with each functional network.
+
+    Parameters
+    ----------
+    corr_df : pandas.DataFrame, long form
+        Columns ``atom``, ``network``, ``direction`` ("activation" /
+        "deactivation", or "+" / "-"), ``dice`` (0..1), optional ``linked``
+        (bool: the atom is linked to the network in that direction).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Cells: Dice signed + for activation, - for deactivation (the stronger
+        of the two when both exist); linked cells carry "+", "-" (or "+-").
+    """
+    func = "correspondence_heatmap"
+    if _is_empty(corr_df):
+        return empty_figure("Atom-network correspondence", "no overlaps computed")
+    atoms, nets, values, marks = _correspondence_matrix(corr_df, func)
+    K, M = values.shape
+    fig = Figure(figsize=(min(max(6.0, 3 + 0.55 * M), 16), max(3.0, 0.24 * K + 1.6)), layout="constrained")
+    ax = fig.add_subplot()
+    lim = max(float(np.abs(values).max()), 1e-6)
+    im = ax.imshow(values, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto",
+                   interpolation="nearest")
+    for i, j in zip(*np.nonzero(marks != "")):
+        ax.text(j, i, marks[i, j], ha="center", va="center", fontsize=9, weight="bold",
+                color="white" if abs(values[i, j]) > 0.6 * lim else "black")
+    ax.set_xticks(np.arange(M), [str(n) for n in nets], rotation=45, ha="right")
+    step = max(1, K // 40)
+    ax.set_yticks(np.arange(K)[::step], [str(a) for a in atoms][::step])
+    ax.set_xlabel("functional network")
+    ax.set_ylabel("atom")
+    ax.set_title("Dice overlap: red = activation, blue = deactivation; marks = linked",
+                 loc="left", fontsize=10.5)
+    fig.colorbar(im, ax=ax, shrink=0.8, label="signed Dice")
+    return fig
+
+
+def network_involvement_bars(per_network_df: pd.DataFrame) -> Figure:
+    """How many atoms activate and deactivate each network (paper Fig. 4).
+
+    Parameters
+    ----------
+    per_network_df : pandas.DataFrame, shape (n_networks, >= 3)
+        Columns ``network``, ``n_activating``, ``n_deactivating``.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Diverging bars: activating atoms to the right, deactivating to the left.
+    """
+    func = "network_involvement_bars"
+    if _is_empty(per_network_df):
+        return empty_figure("Atoms per network", "no networks")
+    _require(per_network_df, ["network", "n_activating", "n_deactivating"], func)
+    df = per_network_df.reset_index(drop=True)
+    n = len(df)
+    pos = pd.to_numeric(df["n_activating"], errors="coerce").fillna(0).to_numpy(float)
+    neg = pd.to_numeric(df["n_deactivating"], errors="coerce").fillna(0).to_numpy(float)
+    fig = Figure(figsize=(8, 1.0 + 0.38 * n), layout="constrained")
+    ax = fig.add_subplot()
+    y = np.arange(n)[::-1]
+    ax.barh(y, pos, color=ACTIVATION_COLOR, label="activating")
+    ax.barh(y, -neg, color=DEACTIVATION_COLOR, label="deactivating")
+    for yi, p, q in zip(y, pos, neg):
+        ax.text(p, yi, f" {p:g}", va="center", fontsize=8)
+        ax.text(-q, yi, f"{q:g} ", va="center", ha="right", fontsize=8)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(y, [str(v) for v in df["network"]])
+    lim = max(pos.max(initial=0), neg.max(initial=0), 1) * 1.25
+    ax.set_xlim(-lim, lim)
+    ax.set_xlabel("number of atoms  (left: deactivating, right: activating)")
+    ax.set_title("Atoms linked to each network", loc="left", fontsize=11)
+    ax.legend(frameon=False, fontsize=8.5, loc="lower right")
+    ax.spines[["top", "right"]].set_visible(False)
+    return fig
+
+
+# ------------------------------------------------------------ group figures
+def group_agreement_figure(agreement_df: pd.DataFrame, max_links: int = 40) -> Figure:
+    """Per atom-network link: the fraction of participants who show it.
+
+    Parameters
+    ----------
+    agreement_df : pandas.DataFrame, long form
+        Columns ``atom``, ``network``, ``direction``, ``fraction`` (0..1);
+        optional ``n_participants``.
+    max_links : int
+        The links with the highest agreement are drawn, at most this many.
+    """
+    func = "group_agreement_figure"
+    if _is_empty(agreement_df):
+        return empty_figure("Group agreement", "no links")
+    _require(agreement_df, ["atom", "network", "direction", "fraction"], func)
+    df = agreement_df.copy()
+    df["fraction"] = pd.to_numeric(df["fraction"], errors="coerce")
+    if ((df["fraction"] < 0) | (df["fraction"] > 1)).any():
+        raise DataError(f"{func}: fraction must lie in [0, 1]")
+    df["sign"] = _direction_sign(df["direction"], func)
+    df = df.sort_values("fraction", ascending=False).head(max_links).reset_index(drop=True)
+    n = len(df)
+    fig = Figure(figsize=(8, 1.2 + 0.3 * n), layout="constrained")
+    ax = fig.add_subplot()
+    y = np.arange(n)[::-1]
+    colors = [ACTIVATION_COLOR if s > 0 else DEACTIVATION_COLOR for s in df["sign"]]
+    ax.barh(y, df["fraction"].to_numpy(float), color=colors)
+    labels = [f"atom {r.atom} \u2192 {r.network} ({'+' if r.sign > 0 else chr(0x2212)})"
+              for r in df.itertuples(index=False)]
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.axvline(0.5, color="#718096", ls=":", lw=1)
+    who = ""
+    if "n_participants" in df.columns and df["n_participants"].notna().any():
+        who = f" (n = {int(df['n_participants'].max())} participants)"
+    ax.set_xlabel(f"fraction of participants showing the link{who}")
+    ax.set_title("Agreement across participants (red: activation, blue: deactivation)",
+                 loc="left", fontsize=10.5)
+    ax.spines[["top", "right"]].set_visible(False)
+    return fig
+
+
+def model_comparison_figure(table_df: pd.DataFrame) -> Figure:
+    """Organization metrics side by side across models (one panel per metric).
+
+    Parameters
+    ----------
+    table_df : pandas.DataFrame
+        Wide form: one row per model (column ``model``, else the index) and
+        one numeric column per metric (e.g. ``atoms_per_network``,
+        ``consistency``, ``diversity``, ``dictionary_r2``, ``encoding_r2``);
+        or long form with columns ``model``, ``metric``, ``value``.
+        Non-numeric columns are ignored.
+    """
+    func = "model_comparison_figure"
+    if _is_empty(table_df):
+        return empty_figure("Model comparison", "no models")
+    _require(table_df, [], func)
+    if {"model", "metric", "value"} <= set(table_df.columns):
+        wide = table_df.pivot_table(index="model", columns="metric", values="value",
+                                    aggfunc="mean", sort=False)
+    else:
+        wide = table_df.set_index("model") if "model" in table_df.columns else table_df
+        wide = wide.select_dtypes(include="number")
+    wide = wide.dropna(axis=1, how="all")
+    if wide.shape[1] == 0:
+        return empty_figure("Model comparison", "no numeric metrics in the table")
+    metrics = list(wide.columns)
+    ncols = min(4, len(metrics))
+    nrows = int(np.ceil(len(metrics) / ncols))
+    fig = Figure(figsize=(3.3 * ncols, 2.9 * nrows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    models = [str(m) for m in wide.index]
+    for ax, metric in zip(axes, metrics):
+        vals = wide[metric].to_numpy(float)
+        ax.bar(np.arange(len(models)), np.nan_to_num(vals),
+               color=[f"C{i % 10}" for i in range(len(models))])
+        for x, v in enumerate(vals):
+            ax.text(x, 0 if not np.isfinite(v) else v, "n/a" if not np.isfinite(v) else f"{v:.3g}",
+                    ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(np.arange(len(models)), models, rotation=30, ha="right", fontsize=8)
+        ax.set_title(str(metric).replace("_", " "), fontsize=10)
+        ax.spines[["top", "right"]].set_visible(False)
+    for ax in axes[len(metrics):]:
+        ax.set_axis_off()
+    fig.suptitle("Organization metrics by model", x=0.01, ha="left", fontsize=11)
+    return fig

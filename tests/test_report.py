@@ -1,0 +1,282 @@
+"""HTML report and figures: build a report with every figure kind from small
+synthetic data, then open it in headless Chromium and check that it loads with
+no console message and that every figure decodes.
+
+Chromium is driven with ``--dump-dom`` (no new Python dependency): the page's
+tiny inline self-check marks ``<body data-figures-ok>`` after the load event,
+and console messages come from ``--enable-logging=stderr`` ("CONSOLE" lines).
+A negative control (a page with a broken image and a script error) shows that
+the harness does catch both.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+
+from bids_llm_encode.errors import DataError
+from bids_llm_encode.report import figures
+from bids_llm_encode.report.html import Report
+
+CHROMIUM_CANDIDATES = ("chromium", "chromium-browser", "google-chrome")
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--enable-logging=stderr", "--v=0",
+                  # nothing may be fetched: make every host name unresolvable
+                  "--host-resolver-rules=MAP * ~NOTFOUND")
+
+
+def find_chromium() -> str | None:
+    if os.access("/usr/bin/chromium", os.X_OK):
+        return "/usr/bin/chromium"
+    for name in CHROMIUM_CANDIDATES:
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    exe = find_chromium()
+    if exe is None:
+        pytest.skip("no Chromium found (.ci/run installs Debian's chromium)")
+    return exe
+
+
+def load_in_chromium(exe: str, page: Path, profile: Path) -> tuple[str, list[str]]:
+    """The DOM after the load event, and the page's console messages."""
+    proc = subprocess.run([exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom",
+                           page.resolve().as_uri()],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"chromium failed ({proc.returncode}): {proc.stderr[-2000:]}"
+    console = [line for line in proc.stderr.splitlines()
+               if ":CONSOLE" in line or "Uncaught" in line]
+    return proc.stdout, console
+
+
+def body_attrs(dom: str) -> dict[str, str]:
+    body = re.search(r"<body([^>]*)>", dom)
+    assert body, "no <body> in the dumped DOM"
+    return dict(re.findall(r'([\w-]+)="([^"]*)"', body.group(1)))
+
+
+# ------------------------------------------------------------ synthetic data
+def synthetic_data() -> dict:
+    """Small inputs for every figure kind (seeded)."""
+    rng = np.random.default_rng(0)
+    tr, n_frames, K, n_layers = 1.5, 120, 12, 6
+    t = (np.arange(n_frames) + 0.5) * tr
+    atoms = rng.standard_normal((n_frames, K)).cumsum(axis=0)
+    atoms /= np.linalg.norm(atoms, axis=0)
+    onsets = np.sort(rng.uniform(10, 170, 300))
+    X = rng.standard_normal((n_frames, 5)).cumsum(axis=0)
+    sub_long = pd.DataFrame([(k, layer, int(rng.integers(0, 40)))
+                             for k in range(K) for layer in range(n_layers)],
+                            columns=["atom", "layer", "n_neurons"])
+    nets = ["Visual", "Somatomotor", "Language", "Auditory", "Default"]
+    corr = pd.DataFrame([(k, n, d, float(rng.uniform(0, 0.5)), bool(rng.random() < 0.15))
+                         for k in range(K) for n in nets
+                         for d in ("activation", "deactivation")],
+                        columns=["atom", "network", "direction", "dice", "linked"])
+    per_net = pd.DataFrame({"network": nets, "n_activating": rng.integers(0, 8, len(nets)),
+                            "n_deactivating": rng.integers(0, 5, len(nets))})
+    agree = corr[corr.linked].assign(fraction=lambda d: rng.uniform(0, 1, len(d)),
+                                     n_participants=12)
+    models = pd.DataFrame({"model": ["minilm", "smollm2", "gemma3"],
+                           "atoms_per_network": rng.uniform(2, 9, 3),
+                           "consistency": rng.uniform(0, 0.5, 3),
+                           "diversity": rng.uniform(0.5, 1, 3),
+                           "dictionary_r2": rng.uniform(0.4, 0.6, 3),
+                           "encoding_r2": rng.uniform(0, 0.1, 3),
+                           "note": ["a", "b", "c"]})
+    runs = pd.DataFrame({"run": ["task-pieman_run-1", "task-pieman_run-2"], "n_frames": [300, 300],
+                         "tr": [1.5, 1.5], "story_start": [15.0, 15.0],
+                         "story_end": [430.0, 430.0], "n_words": [957, 957],
+                         "story": ["pieman", "pieman"]})
+    # a z map in MNI space (4 mm grid, MNI152 origin), one positive and one negative blob
+    affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    affine[:3, 3] = [-90, -126, -72]
+    z = np.zeros((46, 55, 46), dtype=np.float32)
+    z[12:17, 22:27, 22:27] = 5.0
+    z[30:34, 22:27, 22:27] = -4.0
+    zimg = nib.Nifti1Image(z, affine)
+    cv_r = rng.normal(0.02, 0.05, 2000)
+    return dict(t=t, atoms=atoms, onsets=onsets, X=X, sub_long=sub_long, corr=corr,
+                per_net=per_net, agree=agree, models=models, runs=runs, zimg=zimg, cv_r=cv_r)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic_data()
+
+
+def all_figures(d) -> dict[str, Figure]:
+    return {
+        "runs": figures.runs_timeline(d["runs"]),
+        "neurons": figures.neuron_timecourses(d["t"], d["X"], d["onsets"],
+                                              [f"L{i}:u{7 * i}" for i in range(5)]),
+        "atoms": figures.atoms_figure(d["t"], d["atoms"], max_atoms=8),
+        "subgroups": figures.subgroup_layers_figure(d["sub_long"]),
+        "cv_r": figures.cv_r_histogram(d["cv_r"], d["cv_r"] > 0.1),
+        "glass": figures.glass_brain(d["zimg"], "atom 0: z map", threshold=3.1),
+        "correspondence": figures.correspondence_heatmap(d["corr"]),
+        "involvement": figures.network_involvement_bars(d["per_net"]),
+        "agreement": figures.group_agreement_figure(d["agree"]),
+        "models": figures.model_comparison_figure(d["models"]),
+    }
+
+
+def build_report(d) -> tuple[Report, int]:
+    rep = Report("Participant sub-01", subtitle="task-pieman, model smollm2-135m")
+    rep.summary({"Participant": "sub-01", "Runs": 2, "Atoms": d["atoms"].shape[1]})
+    n = 0
+    for name, fig in all_figures(d).items():
+        sec = rep.add_section(name.capitalize())
+        sec.text(f"About {name} <b>not bold</b>.")
+        sec.figure(fig, f"The {name} figure. Read it left to right.")
+        n += 1
+    tab = rep.add_section("Tables")
+    tab.table(d["corr"], caption="Atom-network overlaps", max_rows=10)
+    tab.keyvalues({"lambda": 1.0, "R^2": 0.55})
+    rep.add_section("Group level").note("The group stage did not run: only one participant.",
+                                        kind="missing")
+    return rep, n
+
+
+# --------------------------------------------------------------------- tests
+def test_every_figure_kind_returns_a_drawable_figure(data):
+    figs = all_figures(data)
+    for name, fig in figs.items():
+        assert isinstance(fig, Figure), name
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        assert buf.getvalue().startswith(b"\x89PNG"), name
+        # a real drawing, not the "nothing to show" placeholder
+        texts = [t.get_text() for t in fig.findobj(lambda a: hasattr(a, "get_text"))]
+        assert not any("Nothing to show" in t for t in texts), name
+
+
+def test_empty_inputs_give_a_nothing_to_show_figure():
+    empty = pd.DataFrame()
+    figs = [figures.runs_timeline(empty), figures.subgroup_layers_figure(empty),
+            figures.correspondence_heatmap(empty), figures.network_involvement_bars(empty),
+            figures.group_agreement_figure(empty), figures.model_comparison_figure(empty),
+            figures.neuron_timecourses([], np.zeros((0, 0)), [], []),
+            figures.atoms_figure([], np.zeros((0, 0))),
+            figures.cv_r_histogram([], []),
+            figures.glass_brain(nib.Nifti1Image(np.zeros((5, 5, 5), np.float32), np.eye(4)), "z")]
+    for fig in figs:
+        texts = [t.get_text() for t in fig.findobj(lambda a: hasattr(a, "get_text"))]
+        assert any(t.startswith("Nothing to show") for t in texts)
+
+
+def test_inconsistent_inputs_raise_dataerror(data):
+    with pytest.raises(DataError, match="frame_times"):
+        figures.atoms_figure(data["t"][:-1], data["atoms"])
+    with pytest.raises(DataError, match="n_words"):
+        figures.runs_timeline(data["runs"].drop(columns="n_words"))
+    with pytest.raises(DataError, match="direction"):
+        figures.correspondence_heatmap(data["corr"].assign(direction="sideways"))
+    with pytest.raises(DataError, match="significant"):
+        figures.cv_r_histogram(data["cv_r"], data["cv_r"][:5] > 0)
+
+
+def test_correspondence_signs_and_links(data):
+    corr = pd.DataFrame({"atom": [0, 0, 1], "network": ["A", "A", "B"],
+                         "direction": ["activation", "deactivation", "-"],
+                         "dice": [0.2, 0.4, 0.3], "linked": [True, False, True]})
+    atoms, nets, values, marks = figures._correspondence_matrix(corr, "t")
+    assert atoms == [0, 1] and nets == ["A", "B"]
+    assert values[0, 0] == pytest.approx(-0.4)  # the stronger (deactivation) wins
+    assert values[1, 1] == pytest.approx(-0.3)
+    assert marks[0, 0] == "+" and marks[1, 1] == "\u2212" and marks[0, 1] == ""
+
+
+def test_figures_are_closed_and_report_is_self_contained(data, tmp_path):
+    import matplotlib.pyplot as plt
+
+    rep, n = build_report(data)
+    fig = plt.figure()  # a pyplot figure must be closed after rendering
+    rep.add_section("Pyplot").figure(fig, "A pyplot figure.")
+    assert not plt.fignum_exists(fig.number)
+    page = rep.to_html()
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page, re.I)
+    assert not re.search(r"https?://", page), "the report references a network resource"
+    assert "@import" not in page and "url(" not in page
+    assert page.count("<img ") == n + 1
+    assert page.count('alt="') == n + 1
+    # text is escaped, the summary comes first, sections have anchors in the navbar
+    assert "&lt;b&gt;not bold&lt;/b&gt;" in page and "<b>not bold</b>" not in page
+    assert page.index('id="summary"') < page.index('class="report-section"')
+    for sec in rep.sections:
+        assert f'href="#{sec.anchor}"' in page and f'id="{sec.anchor}"' in page
+    # truncated table says so
+    assert f"showing the first 10 of {len(data['corr'])} rows" in page
+
+
+def test_missing_note_is_plain_and_flagged():
+    rep = Report("sub-02")
+    sec = rep.add_section("Encoding")
+    sec.note("Encoding did not run: no BOLD run matched.", kind="missing")
+    ok = rep.add_section("Atoms")
+    ok.note("Computed once per story.", kind="info")
+    page = rep.to_html()
+    assert '<div class="note note-missing">Encoding did not run: no BOLD run matched.</div>' in page
+    assert 'class="flag-missing">Encoding</a>' in page  # flagged in the navbar
+    assert 'href="#atoms">Atoms</a>' in page  # an info note flags nothing
+    summary = page[page.index('id="summary"'):page.index("</section>", page.index('id="summary"'))]
+    assert "Encoding" in summary and "not available" in summary
+    with pytest.raises(ValueError, match="kind"):
+        sec.note("x", kind="error")
+
+
+def test_anchors_unique_and_png_bytes_accepted():
+    rep = Report("r")
+    a, b = rep.add_section("Maps"), rep.add_section("Maps")
+    assert a.anchor == "maps" and b.anchor == "maps-2"
+    fig = Figure(figsize=(1, 1))
+    fig.add_subplot().plot([0, 1])
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    a.figure(buf.getvalue(), "Raw PNG.")
+    assert base64.b64encode(buf.getvalue()).decode() in rep.to_html()
+    with pytest.raises(ValueError, match="PNG"):
+        a.figure(b"GIF89a....", "not a png")
+
+
+def test_report_loads_in_headless_chromium(data, tmp_path, chromium):
+    rep, n = build_report(data)
+    page = rep.write(tmp_path / "out" / "sub-01.html")
+    dom, console = load_in_chromium(chromium, page, tmp_path / "profile")
+    assert console == [], f"console messages: {console}"
+    attrs = body_attrs(dom)
+    assert attrs.get("data-figures-total") == str(n), attrs
+    assert attrs.get("data-figures-loaded") == str(n), attrs
+    assert attrs.get("data-figures-ok") == "true", attrs
+    assert "The group stage did not run" in dom
+
+
+def test_chromium_harness_catches_broken_pages(tmp_path, chromium):
+    """Negative control: a broken image and a script error must both be seen."""
+    html = Report("broken").to_html()
+    bad = html.replace(
+        "</main>",
+        '<img src="data:image/png;base64,AAAA" alt="broken"><script>undefinedCall();</script></main>')
+    page = tmp_path / "broken.html"
+    page.write_text(bad, encoding="utf-8")
+    dom, console = load_in_chromium(chromium, page, tmp_path / "profile")
+    assert any("undefinedCall" in line for line in console), console
+    attrs = body_attrs(dom)
+    assert attrs.get("data-figures-ok") == "false" and attrs.get("data-figures-loaded") == "0"
