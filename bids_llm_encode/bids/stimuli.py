@@ -261,6 +261,10 @@ _TOKEN = re.compile(r'"(?:[^"]|"")*"|<exists>|<absent>|[-+]?(?:\d+\.?\d*|\.\d+)(
 _BRACKET = re.compile(r"\[\s*\d*\s*\]")
 
 
+class _Bad(str):
+    """Unparseable TextGrid content (reported where a value is expected)."""
+
+
 def _textgrid_tokens(text: str) -> list[tuple[object, int]]:
     """Tokens (number, string or flag) of a TextGrid in long or short format, with line numbers."""
     out = []
@@ -277,6 +281,11 @@ def _textgrid_tokens(text: str) -> list[tuple[object, int]]:
             s = _BRACKET.sub("", s)
             if s.endswith(":"):
                 continue
+        residual = _TOKEN.sub(" ", s).split()
+        bad = [r for r in residual if not r.endswith(("?", ":"))]
+        if bad:  # text that is neither a number, a quoted string nor a label
+            out.append((_Bad(" ".join(bad)), lineno))
+            continue
         for m in _TOKEN.finditer(s):
             tok = m.group(0)
             if tok.startswith('"'):
@@ -322,6 +331,8 @@ def read_textgrid(path: Path, name: Optional[str] = None, tier: Optional[str] = 
             raise DataError(f"{path}, line {last}: file ends early (expected {what})")
         val, ln = toks[pos]
         pos += 1
+        if isinstance(val, _Bad):
+            raise DataError(f"{path}, line {ln}: cannot read {str(val)!r} (expected {what})")
         if kind is float and not isinstance(val, float):
             raise DataError(f"{path}, line {ln}: expected a number for {what}, found {val!r}")
         if kind is str and not isinstance(val, str):

@@ -1,0 +1,482 @@
+"""Find the inputs of every selected BOLD run with PyBIDS -> :class:`~bids_llm_encode.records.RunInputs`.
+
+For each raw BOLD run picked by the labels and the filter file this finds, in
+the fMRIPrep derivatives: the preprocessed BOLD in the requested space (any
+``res-``), its brain mask, its confounds (``desc-confounds_timeseries`` of
+fMRIPrep >= 20.2 or ``desc-confounds_regressors`` of 20.0.x), the TR and the
+slice-time reference; in the raw dataset: the events.tsv, the story (from
+``stim_file``), its word timing and the story onset.
+
+Nothing is ever written inside ``bids_dir``: the PyBIDS layouts are built in
+memory (no database) with ``validate=False`` (validation is ``bids.validate``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path, PurePosixPath
+from typing import Iterable, Optional, Sequence
+
+import nibabel as nib
+import numpy as np
+
+from ..config import Config
+from ..errors import DataError, MissingInputError, NoMatchError, UsageError
+from ..records import RunInputs, Story
+from .stimuli import load_story, read_events_words
+
+log = logging.getLogger(__name__)
+
+__all__ = ["normalize_labels", "find_runs", "run_summary", "load_filters", "story_name",
+           "timing_candidates"]
+
+_LABEL = re.compile(r"^[A-Za-z0-9]+$")
+_ENTITIES_MATCHED = ("subject", "session", "task", "run", "acquisition", "echo", "direction",
+                     "reconstruction", "ceagent")
+
+
+def normalize_labels(values: Optional[Iterable[str] | str], prefix: str) -> list[str]:
+    """Labels without their BIDS prefix, read from files where a value is a file path.
+
+    Parameters
+    ----------
+    values : str or iterable of str or None
+        Labels (``"01"``, ``"sub-01"``), or paths to text files with one label per
+        line (blank lines and ``#`` comments skipped). Whitespace/comma separated
+        labels in one string are split.
+    prefix : str
+        ``"sub"``, ``"ses"``, ``"task"`` (with or without the ``-``).
+
+    Returns
+    -------
+    list of str
+        Unique labels in the given order.
+
+    Raises
+    ------
+    UsageError
+        A label that is not alphanumeric after removing the prefix.
+    """
+    if values is None:
+        return []
+    if isinstance(values, (str, Path)):
+        values = [values]
+    pre = prefix if prefix.endswith("-") else prefix + "-"
+    out: list[str] = []
+    for value in values:
+        value = str(value).strip()
+        if not value:
+            continue
+        path = Path(value).expanduser()
+        if path.is_file():
+            items = []
+            for line in path.read_text().splitlines():
+                line = line.split("#", 1)[0].strip()
+                if line:
+                    items.extend(re.split(r"[\s,]+", line))
+            source = f" (in {path})"
+        else:
+            items, source = re.split(r"[\s,]+", value), ""
+        for item in items:
+            if not item:
+                continue
+            label = item[len(pre):] if item.startswith(pre) else item
+            if not _LABEL.match(label):
+                raise UsageError(f"invalid {pre[:-1]} label {item!r}{source}: labels are alphanumeric "
+                                 f"(with an optional '{pre}' prefix)")
+            if label not in out:
+                out.append(label)
+    return out
+
+
+def load_filters(path: Optional[Path]) -> dict:
+    """The ``"bold"`` entry of a ``--bids-filter-file`` (fMRIPrep's format), as PyBIDS query args.
+
+    ``null`` becomes ``Query.NONE`` and ``"*"`` becomes ``Query.ANY``-like ``Query.REQUIRED``.
+
+    Raises
+    ------
+    MissingInputError
+        The file does not exist.
+    UsageError
+        Not JSON, not an object, or the ``bold`` entry is not an object.
+    """
+    if path is None:
+        return {}
+    from bids.layout import Query
+
+    path = Path(path)
+    if not path.is_file():
+        raise MissingInputError(f"BIDS filter file {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"BIDS filter file {path}, line {exc.lineno}: invalid JSON ({exc.msg})") from exc
+    if not isinstance(data, dict):
+        raise UsageError(f"BIDS filter file {path}: expected a JSON object keyed by query name "
+                         f"(e.g. {{\"bold\": {{\"session\": \"01\"}}}})")
+    unknown = set(data) - {"bold", "t1w", "t2w", "flair", "fmap", "sbref", "roi", "dwi", "asl",
+                           "pet", "anat", "func", "events"}
+    if unknown:
+        log.warning("BIDS filter file %s: ignoring entries %s (only 'bold' applies here)", path,
+                    sorted(unknown))
+    bold = data.get("bold", {})
+    if not isinstance(bold, dict):
+        raise UsageError(f"BIDS filter file {path}: the 'bold' entry must be an object of entity filters")
+    out = {}
+    for key, val in bold.items():
+        if val is None:
+            val = Query.NONE
+        elif val == "*":
+            val = Query.REQUIRED
+        out[key] = val
+    return out
+
+
+def story_name(stim_file: str) -> str:
+    """Narratives story name: the ``stim_file`` base name without ``_audio.wav`` (or its extension)."""
+    base = PurePosixPath(stim_file.replace("\\", "/")).name
+    for suffix in ("_audio.wav", "_audio.mp3", "_audio.flac"):
+        if base.endswith(suffix):
+            return base[: -len(suffix)]
+    return base.rsplit(".", 1)[0] if "." in base else base
+
+
+def timing_candidates(bids_dir: Path, story: str, stim_file: Optional[str] = None) -> list[Path]:
+    """Files that may hold the word timing of ``story``, in the order they are tried.
+
+    ``stimuli/gentle/<story>/align.csv``, ``.../align.json``, ``stimuli/<story>.TextGrid``,
+    ``stimuli/<stim stem>.TextGrid``, then ``stimuli/<story>/*.TextGrid`` (sorted).
+    """
+    stim = Path(bids_dir) / "stimuli"
+    out = [stim / "gentle" / story / "align.csv", stim / "gentle" / story / "align.json",
+           stim / f"{story}.TextGrid"]
+    if stim_file:
+        stem = PurePosixPath(stim_file).with_suffix("")
+        extra = stim / f"{stem}.TextGrid"
+        if extra not in out:
+            out.append(extra)
+    folder = stim / story
+    tg = sorted(folder.glob("*.TextGrid")) if folder.is_dir() else []
+    out.extend(tg or [folder / "*.TextGrid"])
+    return out
+
+
+def _check_stim_file(stim_file: str, bids_dir: Path, events: Path, lineno: int) -> None:
+    p = PurePosixPath(stim_file.replace("\\", "/"))
+    if p.is_absolute() or re.match(r"^[A-Za-z]:", stim_file):
+        raise DataError(f"{events}, line {lineno}: stim_file {stim_file!r} is an absolute path; BIDS "
+                        f"stim_file paths are relative to {bids_dir / 'stimuli'}")
+    root = Path(bids_dir).resolve()
+    target = (root / "stimuli" / Path(*p.parts)).resolve()
+    if root != target and root not in target.parents:
+        raise DataError(f"{events}, line {lineno}: stim_file {stim_file!r} points outside the dataset "
+                        f"{bids_dir}")
+
+
+def _read_events(events: Path) -> tuple[list[str], list[list[str]]]:
+    lines = events.read_text().splitlines()
+    if not lines:
+        raise DataError(f"events file {events} is empty")
+    header = [h.strip() for h in lines[0].split("\t")]
+    rows = []
+    for lineno, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        cells = [c.strip() for c in line.split("\t")]
+        if len(cells) != len(header):
+            raise DataError(f"{events}, line {lineno}: {len(cells)} columns where the header has "
+                            f"{len(header)}")
+        rows.append(cells)
+    return header, rows
+
+
+def _story_from_events(events: Path, bids_dir: Path, task: str) -> tuple[Story, float, str]:
+    """The story of a run, its audio-onset in scan time and its ``stim_file``."""
+    header, rows = _read_events(events)
+    col = {c: i for i, c in enumerate(header)}
+    stims = []  # (lineno, stim_file, onset, trial_type)
+    if "stim_file" in col:
+        for k, cells in enumerate(rows):
+            sf = cells[col["stim_file"]]
+            if sf and sf != "n/a":
+                lineno = k + 2
+                _check_stim_file(sf, bids_dir, events, lineno)
+                tt = cells[col["trial_type"]] if "trial_type" in col else ""
+                stims.append((lineno, sf, cells[col["onset"]] if "onset" in col else "", tt))
+    if not stims:
+        story = read_events_words(events, task)
+        if story is None:
+            raise MissingInputError(
+                f"{events}: no stim_file column/values and no word rows; cannot tell which story was heard "
+                f"nor when its words were spoken")
+        log.info("%s: %d words from events.tsv word rows (scan-relative times)", events, story.n_words)
+        return story, 0.0, ""
+    distinct = list(dict.fromkeys(s[1] for s in stims))
+    if len(distinct) > 1:
+        story_rows = [s for s in stims if s[3] == "story"]
+        chosen = (story_rows or stims)[0][1]
+        log.warning("%s: several stim_files %s; using %s", events, distinct, chosen)
+    else:
+        chosen = distinct[0]
+    lineno, sf, onset_s, _ = next(s for s in stims if s[1] == chosen)
+    try:
+        onset = float(onset_s)
+    except ValueError:
+        raise DataError(f"{events}, line {lineno}: onset {onset_s!r} is not a number") from None
+    name = story_name(sf)
+    tried = timing_candidates(bids_dir, name, sf)
+    for cand in tried:
+        if cand.is_file():
+            story = load_story(cand, name)
+            log.info("Story %s: %d words (%d unaligned) from %s; audio starts at %.3f s",
+                     name, story.n_words, story.n_unaligned, cand, onset)
+            return story, onset, sf
+    words = read_events_words(events, name)
+    if words is not None:
+        log.info("Story %s: %d words from events.tsv word rows", name, words.n_words)
+        return words, 0.0, sf
+    tried_txt = "\n  ".join(str(p) for p in [*tried, events])
+    raise MissingInputError(
+        f"no word timing for story {name!r} (stim_file {sf!r} in {events}); tried:\n  {tried_txt}\n"
+        f"(the last one for word rows: a 'word' column or trial_type 'word'). Add a Gentle alignment "
+        f"or a TextGrid at one of these paths.")
+
+
+def _slice_time_ref(meta: dict, tr: float) -> float:
+    if meta.get("StartTime") is not None:
+        try:
+            return float(meta["StartTime"]) / tr
+        except (TypeError, ValueError):
+            pass
+    return 0.5 if meta.get("SliceTimingCorrected") else 0.0
+
+
+def _float_tr(meta: dict, where: Path) -> Optional[float]:
+    if "RepetitionTime" not in meta:
+        return None
+    try:
+        tr = float(meta["RepetitionTime"])
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: RepetitionTime {meta['RepetitionTime']!r} is not a number") from None
+    if not tr > 0:
+        raise DataError(f"{where}: RepetitionTime {tr} is not positive")
+    return tr
+
+
+def _count_rows(tsv: Path) -> int:
+    with open(tsv, "rb") as fh:
+        lines = [ln for ln in fh.read().splitlines() if ln.strip()]
+    if not lines:
+        raise DataError(f"confounds file {tsv} is empty (no header)")
+    return len(lines) - 1
+
+
+def _layouts(config: Config):
+    from bids import BIDSLayout
+
+    bids_dir = Path(config.bids_dir)
+    if not (bids_dir / "dataset_description.json").is_file():
+        if not bids_dir.is_dir():
+            raise MissingInputError(f"BIDS dataset folder {bids_dir} does not exist")
+        raise MissingInputError(f"{bids_dir} has no dataset_description.json: is it a BIDS dataset?")
+    deriv = Path(config.derivatives) if config.derivatives else bids_dir / "derivatives" / "fmriprep"
+    if not deriv.is_dir():
+        raise MissingInputError(f"fMRIPrep derivatives folder {deriv} does not exist; pass it with "
+                                f"--derivatives")
+    log.info("Indexing %s and %s", bids_dir, deriv)
+    raw = BIDSLayout(bids_dir, validate=False, derivatives=False, database_path=None)
+    der = BIDSLayout(deriv, validate=False, is_derivative=True, database_path=None)
+    return bids_dir, deriv, raw, der
+
+
+def _choose(files: list, what: str, key: str) -> Optional[str]:
+    paths = sorted(f.path for f in files)
+    if not paths:
+        return None
+    if len(paths) > 1:
+        log.info("Several %s for %s: %s; using %s", what, key, [Path(p).name for p in paths],
+                 Path(paths[0]).name)
+    return paths[0]
+
+
+def find_runs(config: Config) -> list[RunInputs]:
+    """Find every selected BOLD run and all it needs.
+
+    Parameters
+    ----------
+    config : Config
+        Uses ``bids_dir``, ``derivatives``, ``space``, ``participant_label``,
+        ``session_label``, ``task_label`` and ``bids_filter_file``.
+
+    Returns
+    -------
+    list of RunInputs
+        Sorted by subject, session, task, run.
+
+    Raises
+    ------
+    MissingInputError (66)
+        No derivatives for a selected participant, a missing mask, confounds,
+        events.tsv, or story timing (the message lists every path tried).
+    NoMatchError (18)
+        Labels or filters that select nothing (the message says what exists).
+    DataError (65)
+        A ``stim_file`` outside the dataset, BOLD and confounds of different
+        lengths, a bad TR, a malformed timing file.
+    UsageError (64)
+        A bad filter file or label.
+    """
+    from bids.layout import Query
+
+    bids_dir, deriv, raw, der = _layouts(config)
+    subjects = normalize_labels(config.participant_label, "sub")
+    sessions = normalize_labels(config.session_label, "ses")
+    tasks = normalize_labels(config.task_label, "task")
+    filters = load_filters(config.bids_filter_file)
+
+    have_subjects = sorted(raw.get_subjects())
+    for asked, have, what in ((subjects, have_subjects, "participant"),
+                              (sessions, sorted(raw.get_sessions()), "session"),
+                              (tasks, sorted(raw.get_tasks()), "task")):
+        missing = [a for a in asked if a not in have]
+        if missing:
+            raise NoMatchError(f"{what} label(s) {missing} not found in {bids_dir}; it has "
+                               f"{what}s {have or 'none'}")
+
+    query = dict(datatype="func", suffix="bold", extension=[".nii.gz", ".nii"])
+    if subjects:
+        query["subject"] = subjects
+    if sessions:
+        query["session"] = sessions
+    if tasks:
+        query["task"] = tasks
+    for k, v in filters.items():
+        if k in ("suffix", "extension", "datatype") and v != query.get(k):
+            log.warning("bids filter %s=%r replaces %r", k, v, query.get(k))
+        query[k] = v
+    try:
+        bolds = raw.get(**query)
+    except ValueError as exc:
+        raise UsageError(f"bad BIDS filter ({config.bids_filter_file}): {exc}") from exc
+    if not bolds:
+        shown = {k: (str(v) if isinstance(v, Query) else v) for k, v in query.items()}
+        raise NoMatchError(
+            f"no BOLD runs in {bids_dir} match {shown}; the dataset has participants "
+            f"{have_subjects}, sessions {sorted(raw.get_sessions()) or 'none'}, tasks "
+            f"{sorted(raw.get_tasks())}")
+
+    der_subjects = set(der.get_subjects())
+    selected_subjects = sorted({b.entities["subject"] for b in bolds})
+    lacking = [s for s in selected_subjects if s not in der_subjects]
+    if lacking:
+        raise MissingInputError(f"no fMRIPrep derivatives for participant(s) "
+                                f"{', '.join('sub-' + s for s in lacking)} in {deriv}")
+
+    runs = []
+    for bold in sorted(bolds, key=lambda f: f.path):
+        runs.append(_run_inputs(bold, raw, der, bids_dir, deriv, config.space))
+    runs.sort(key=lambda r: (r.subject, r.session or "", r.task, -1 if r.run is None else r.run))
+    log.info("Found %d BOLD run(s) for %d participant(s)", len(runs), len(selected_subjects))
+    return runs
+
+
+def _run_inputs(bold, raw, der, bids_dir: Path, deriv: Path, space: str) -> RunInputs:
+    from bids.layout import Query
+
+    ents = bold.get_entities()
+    match = {k: (ents[k] if k in ents else Query.NONE) for k in _ENTITIES_MATCHED}
+    key = Path(bold.path).name
+    pre = der.get(**match, space=space, desc="preproc", suffix="bold", extension=[".nii.gz", ".nii"])
+    preproc = _choose(pre, f"preprocessed BOLD files in space {space}", key)
+    if preproc is None:
+        spaces = sorted({f.entities.get("space") for f in der.get(**match, desc="preproc", suffix="bold",
+                                                                   extension=[".nii.gz", ".nii"])} - {None})
+        raise MissingInputError(
+            f"no preprocessed BOLD (desc-preproc_bold) in space {space} for {key} in {deriv}; "
+            f"spaces found for this run: {spaces or 'none'}")
+    pent = der.get_file(preproc).get_entities()
+    res = pent.get("res", Query.NONE)
+    masks = der.get(**match, space=space, res=res, desc="brain", suffix="mask",
+                    extension=[".nii.gz", ".nii"])
+    mask = _choose(masks, "brain masks", key)
+    if mask is None:
+        raise MissingInputError(f"no brain mask (space-{space}"
+                                f"{'_res-' + str(pent['res']) if 'res' in pent else ''}_desc-brain_mask) "
+                                f"for {Path(preproc).name} in {Path(preproc).parent}")
+    conf = der.get(**match, desc="confounds", suffix=["timeseries", "regressors"], extension=".tsv")
+    confounds = _choose(conf, "confounds files", key)
+    if confounds is None:
+        raise MissingInputError(f"no confounds file (desc-confounds_timeseries.tsv or "
+                                f"desc-confounds_regressors.tsv) for {key} in {Path(preproc).parent}")
+
+    # TR and slice timing: derivative sidecar, then the raw one
+    der_json = Path(preproc).with_name(Path(preproc).name.split(".")[0] + ".json")
+    der_meta = der.get_metadata(preproc)
+    raw_meta = raw.get_metadata(bold.path)
+    tr = _float_tr(der_meta, der_json) or _float_tr(raw_meta, Path(bold.path))
+    img = nib.load(preproc)  # header only
+    if len(img.shape) != 4:
+        raise DataError(f"{preproc}: expected a 4D BOLD image, got shape {img.shape}")
+    n_frames = int(img.shape[3])
+    if tr is None:
+        raise DataError(f"no RepetitionTime in the sidecars of {preproc} nor of {bold.path}")
+    hdr_tr = float(img.header.get_zooms()[3])
+    if hdr_tr > 0 and not np.isclose(hdr_tr, tr, atol=1e-3) and not np.isclose(hdr_tr / 1000, tr, atol=1e-3):
+        log.warning("%s: header TR %.4g differs from RepetitionTime %.4g; using the sidecar",
+                    Path(preproc).name, hdr_tr, tr)
+    stref = _slice_time_ref(der_meta, tr)
+
+    n_conf = _count_rows(Path(confounds))
+    if n_conf != n_frames:
+        raise DataError(f"BOLD {preproc} has {n_frames} frames but confounds {confounds} has {n_conf} "
+                        f"rows; they must be the same run")
+
+    ev_query = {k: v for k, v in match.items() if k in ("subject", "session", "task", "run",
+                                                         "acquisition")}
+    events = raw.get(**ev_query, suffix="events", extension=".tsv")
+    events_path = _choose(events, "events files", key)
+    if events_path is None:
+        near = raw.get_nearest(bold.path, suffix="events", extension=".tsv", strict=False)
+        events_path = near if near else None
+    if events_path is None:
+        raise MissingInputError(f"no events.tsv for {bold.path} (needed for the story and its onset)")
+    story, onset, stim_file = _story_from_events(Path(events_path), bids_dir, str(ents["task"]))
+
+    run = ents.get("run")
+    return RunInputs(
+        subject=str(ents["subject"]), session=ents.get("session"), task=str(ents["task"]),
+        run=int(run) if run is not None else None, bold=Path(preproc), mask=Path(mask),
+        confounds=Path(confounds), bold_json=der_json if der_json.is_file() else (
+            Path(bold.path.split(".")[0] + ".json") if Path(bold.path.split(".")[0] + ".json").is_file()
+            else None),
+        events=Path(events_path), raw_bold=Path(bold.path), tr=float(tr), n_frames=n_frames,
+        slice_time_ref=float(stref), story=story, story_onset=float(onset), stim_file=stim_file)
+
+
+def run_summary(run: RunInputs) -> dict:
+    """A JSON-ready description of one run for the per-run summary table.
+
+    Returns
+    -------
+    dict
+        subject, session, task, run, tr, n_frames, n_words, n_unaligned, story,
+        story_onset, story_first_frame / story_last_frame (frames whose acquisition
+        time falls within [onset of the first word, end of the last word] in scan
+        time; None when no frame does), bold (file name), slice_time_ref.
+    """
+    ft = run.frame_times
+    first = last = None
+    if run.story.n_words:
+        t0 = run.story_onset + float(np.min(run.story.starts))
+        t1 = run.story_onset + float(np.max(run.story.ends))
+        inside = np.flatnonzero((ft >= t0) & (ft <= t1))
+        if inside.size:
+            first, last = int(inside[0]), int(inside[-1])
+    return {"subject": run.subject, "session": run.session, "task": run.task, "run": run.run,
+            "tr": run.tr, "n_frames": run.n_frames, "slice_time_ref": run.slice_time_ref,
+            "n_words": run.story.n_words, "n_unaligned": run.story.n_unaligned,
+            "story": run.story.name, "story_onset": run.story_onset,
+            "story_first_frame": first, "story_last_frame": last, "bold": run.bold.name}
