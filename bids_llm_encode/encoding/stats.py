@@ -177,3 +177,16 @@ def spearman_brown(r: np.ndarray, n_repeats: int) -> np.ndarray:
 def permutation_p(observed: np.ndarray, n_exceed: np.ndarray, n_permutations: int) -> np.ndarray:
     """``(1 + #null >= observed) / (1 + n_permutations)`` per voxel."""
     return (1.0 + np.asarray(n_exceed, dtype=np.float64)) / (1.0 + n_permutations)
+
+
+def normal_p(observed: np.ndarray, null_mean: np.ndarray, null_sd: np.ndarray) -> np.ndarray:
+    """Upper-tail p of ``observed`` under a normal with the null's mean and standard deviation.
+
+    A voxel whose null has no spread (sd 0 or NaN) gets p = 1.
+    """
+    observed = np.asarray(observed, dtype=np.float64)
+    sd = np.asarray(null_sd, dtype=np.float64)
+    ok = np.isfinite(sd) & (sd > 0)
+    p = np.ones_like(observed)
+    p[ok] = sps.norm.sf((observed[ok] - np.asarray(null_mean, dtype=np.float64)[ok]) / sd[ok])
+    return p
