@@ -548,7 +548,10 @@ class DerivativesWriter:
 
     def _check_inside(self, path: PathLike) -> Path:
         p = Path(os.path.abspath(path))
-        if not (p.parent == self.output_dir or self.output_dir in p.parents):
+        real_out = Path(os.path.realpath(self.output_dir))
+        real_parent = Path(os.path.realpath(p.parent))
+        inside = self.output_dir in p.parents and (real_parent == real_out or real_out in real_parent.parents)
+        if not inside:  # also catches a symbolic link inside output_dir that points elsewhere
             raise ValueError(f"refusing to write {p}: it is outside the output folder {self.output_dir}")
         return p
 
