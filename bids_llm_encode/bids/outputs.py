@@ -37,7 +37,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import numpy as np
 
@@ -126,10 +126,21 @@ def _dumps(data: Any) -> str:
     return json.dumps(data, indent=2, sort_keys=False, default=_json_default, allow_nan=False) + "\n"
 
 
+_UMASK: Optional[int] = None
+
+
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """The process umask, read once (from /proc when possible: ``os.umask`` sets it while reading)."""
+    global _UMASK
+    if _UMASK is None:
+        try:
+            with open("/proc/self/status") as fh:
+                line = next(ln for ln in fh if ln.startswith("Umask:"))
+            _UMASK = int(line.split()[1], 8)
+        except (OSError, StopIteration, ValueError, IndexError):
+            _UMASK = os.umask(0o022)
+            os.umask(_UMASK)
+    return _UMASK
 
 
 def _os_error(exc: OSError, path: Path, what: str) -> Exception:
