@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Optional, Sequence
@@ -212,19 +213,47 @@ def alignment_json(al: Alignment) -> dict:
     return {"transcript": text, "words": out}
 
 
-def story_record(al: Alignment, source: Path) -> Story:
-    """The :class:`~bids_llm_encode.records.Story` of an alignment (unaligned times interpolated linearly)."""
-    idx = np.arange(len(al.words))
-    ok = al.aligned
-    starts = np.interp(idx, idx[ok], al.starts[ok])
-    ends = np.interp(idx, idx[ok], al.ends[ok])
-    return Story(name=STORY, words=tuple(al.words), starts=starts, ends=ends, aligned=ok.copy(),
-                 source=Path(source))
+AUDIO_RATE = 2000  # Hz; the validator requires the stim_file to exist, so a small real WAV is written
+
+
+def audio_wav(al: Alignment, seed: int = 0) -> bytes:
+    """A small mono 8-bit WAV standing in for the story's audio (``<story>_audio.wav``).
+
+    Not speech: a 220 Hz tone whose loudness follows the words' true timing (a
+    smooth envelope per word), plus faint noise, at 2 kHz sampling. It exists
+    because the BIDS validator requires every ``stim_file`` to be present, and
+    its envelope is a usable "speech on/off" signal.
+
+    Returns
+    -------
+    bytes
+        The whole WAV file.
+    """
+    import io
+    import wave
+
+    n = int(np.ceil(al.duration * AUDIO_RATE))
+    t = np.arange(n) / AUDIO_RATE
+    env = np.zeros(n)
+    for s, e in zip(al.true_starts, al.true_ends):
+        i0, i1 = int(s * AUDIO_RATE), min(n, int(e * AUDIO_RATE))
+        if i1 > i0:
+            env[i0:i1] = np.sin(np.linspace(0, np.pi, i1 - i0))
+    rng = np.random.default_rng([seed, 5])
+    x = 0.8 * env * np.sin(2 * np.pi * 220 * t) + 0.01 * rng.standard_normal(n)
+    pcm = np.clip(np.round(128 + 127 * x), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(1)
+        w.setframerate(AUDIO_RATE)
+        w.writeframes(pcm.tobytes())
+    return buf.getvalue()
 
 
 # ============================================================================ grid and atlas
 
-@dataclass
+@dataclass(frozen=True)
 class Grid:
     """The 4 mm template grid: mask, baseline intensity, tissue classes (mask voxels in C order)."""
 
@@ -247,10 +276,23 @@ class Grid:
         return img
 
 
+@lru_cache(maxsize=1)
 def make_grid() -> Grid:
-    """nilearn's bundled MNI152 brain mask at 4 mm, cropped to the brain + 1 voxel."""
+    """nilearn's bundled MNI152 brain mask at 4 mm, cropped to the brain + 1 voxel (computed once per process).
+
+    The arrays of the returned grid are read-only (it is shared between calls).
+    """
+    import warnings
+
     from nilearn import datasets, image
     from scipy import ndimage
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(binary images|Casting data).*")
+        return _make_grid(datasets, image, ndimage)
+
+
+def _make_grid(datasets, image, ndimage) -> Grid:
 
     target = np.diag([VOXEL_MM] * 3 + [1.0])
     mask2 = datasets.load_mni152_brain_mask(resolution=2)
@@ -273,8 +315,11 @@ def make_grid() -> Grid:
     inner = ndimage.binary_erosion(mask, iterations=2)
     edge = (mask & ~inner)[mask]
     baseline = 600.0 + 400.0 * t1v
-    return Grid(affine=m4.affine.copy(), shape=mask.shape, mask=mask, baseline=baseline,
+    grid = Grid(affine=m4.affine.copy(), shape=mask.shape, mask=mask, baseline=baseline,
                 tissue=tissue.astype(np.int8), edge=edge)
+    for arr in (grid.affine, grid.mask, grid.baseline, grid.tissue, grid.edge):
+        arr.setflags(write=False)
+    return grid
 
 
 def load_network_atlas(name: str, grid: Grid) -> Atlas:
@@ -490,7 +535,7 @@ def _write_raw_top(root: Path, al: Alignment, subs, plant_kind: str, seed: int) 
         "BIDSVersion": "1.10.0",
         "DatasetType": "raw",
         "License": "CC0",
-        "Authors": ["bids_llm_encode developers"],
+        "Authors": ["bids_llm_encode developers", "The demo generator"],
         "GeneratedBy": [{"Name": "bids_llm_encode-demo", "Version": __version__,
                          "Description": f"synthetic data, plant {plant_kind}, seed {seed}"}],
         "HowToAcknowledge": "Synthetic data: no acknowledgement needed.",
@@ -520,6 +565,7 @@ def _write_raw_top(root: Path, al: Alignment, subs, plant_kind: str, seed: int) 
     })
     stim = root / "stimuli"
     _write_text(stim / f"{STORY}_transcript.txt", al.text + "\n")
+    atomic_write_bytes(stim / f"{STORY}_audio.wav", audio_wav(al, seed))
     _write_text(stim / "gentle" / STORY / "align.csv", alignment_csv(al))
     _write_json(stim / "gentle" / STORY / "align.json", alignment_json(al))
 
@@ -588,7 +634,11 @@ def _generate(root: Path, plant, n_subjects: int, seed: int, cache_dir, atlas: O
     log.info("story %r: %d words, %d unaligned, %.1f s of audio (%.2f words/s)", STORY, len(al.words),
              int((~al.aligned).sum()), al.duration, len(al.words) / al.duration)
     _write_raw_top(root, al, subs, plant.kind, seed)
-    story = story_record(al, root / "stimuli" / "gentle" / STORY / "align.csv")
+    # Read the story back with the pipeline's own reader, so that the plant sees exactly
+    # the words and (interpolated) times the participant workflow will see.
+    from ..bids.stimuli import read_gentle_csv
+
+    story = read_gentle_csv(root / "stimuli" / "gentle" / STORY / "align.csv", name=STORY)
 
     log.info("building the 4 mm template grid")
     grid = make_grid()
@@ -684,6 +734,11 @@ def _generate(root: Path, plant, n_subjects: int, seed: int, cache_dir, atlas: O
             })
             log.info("wrote %s (%d frames)", ent, n_frames)
     shutil.rmtree(work, ignore_errors=True)
+    for dirpath, dirnames, filenames in os.walk(root):  # mkstemp makes 0600 files; a dataset is shared
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o755)
+        for f in filenames:
+            os.chmod(os.path.join(dirpath, f), 0o644)
 
     truth = {
         "DemoTruthVersion": "1.0",
