@@ -408,3 +408,20 @@ def test_validator_passes_on_written_folder(writer, raw):
     (w.output_dir / ".bidsignore").unlink()
     errors = [i.get("location") for i in _validate(w.output_dir) if i["severity"] == "error"]
     assert any("statmap" in (loc or "") for loc in errors) and any("/group" in (loc or "") for loc in errors)
+
+
+def test_run_inputs_entities_name_outputs(writer, raw):
+    """The entities that records.RunInputs gives (PyBIDS long names) name its outputs."""
+    from bids_llm_encode.records import RunInputs, Story
+
+    story = Story(name="pieman", words=("a", "b"), starts=np.array([0.0, 0.5]), ends=np.array([0.4, 0.9]),
+                  aligned=np.array([True, True]), source=raw / "stimuli" / "pieman.csv")
+    f = raw / "sub-01" / "func" / "sub-01_task-pieman_events.tsv"
+    run = RunInputs(subject="001", session="1", task="pieman", run=3, bold=f, mask=f, confounds=f, bold_json=None,
+                    events=f, raw_bold=None, tr=1.5, n_frames=10, slice_time_ref=0.5, story=story,
+                    story_onset=3.0, stim_file="pieman_audio.wav")
+    p = writer.path({**run.entities, "space": "MNI152NLin2009cAsym", "desc": "atom07", "stat": "effect"},
+                    "statmap", ".nii.gz")
+    assert p.relative_to(writer.output_dir).as_posix() == (
+        "sub-001/ses-1/func/sub-001_ses-1_task-pieman_run-3_space-MNI152NLin2009cAsym_desc-atom07_stat-effect"
+        "_statmap.nii.gz")
