@@ -25,7 +25,7 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from bids_llm_encode.errors import DataError
+from bids_llm_encode.errors import DataError, MissingInputError
 from bids_llm_encode.report import figures
 from bids_llm_encode.report.html import Report
 
@@ -123,29 +123,35 @@ def data():
 
 
 def all_figures(d) -> dict[str, Figure]:
+    """One figure of every kind, keyed by the function's name."""
     return {
-        "runs": figures.runs_timeline(d["runs"]),
-        "neurons": figures.neuron_timecourses(d["t"], d["X"], d["onsets"],
+        "runs_timeline": figures.runs_timeline(d["runs"]),
+        "neuron_timecourses": figures.neuron_timecourses(d["t"], d["X"], d["onsets"],
                                               [f"L{i}:u{7 * i}" for i in range(5)]),
-        "atoms": figures.atoms_figure(d["t"], d["atoms"], max_atoms=8),
-        "subgroups": figures.subgroup_layers_figure(d["sub_long"]),
-        "cv_r": figures.cv_r_histogram(d["cv_r"], d["cv_r"] > 0.1),
-        "glass": figures.glass_brain(d["zimg"], "atom 0: z map", threshold=3.1),
-        "correspondence": figures.correspondence_heatmap(d["corr"]),
-        "involvement": figures.network_involvement_bars(d["per_net"]),
-        "agreement": figures.group_agreement_figure(d["agree"]),
-        "models": figures.model_comparison_figure(d["models"]),
+        "atoms_figure": figures.atoms_figure(d["t"], d["atoms"], max_atoms=8),
+        "subgroup_layers_figure": figures.subgroup_layers_figure(d["sub_long"]),
+        "cv_r_histogram": figures.cv_r_histogram(d["cv_r"], d["cv_r"] > 0.1),
+        "glass_brain": figures.glass_brain(d["zimg"], "atom 0: z map", threshold=3.1),
+        "correspondence_heatmap": figures.correspondence_heatmap(d["corr"]),
+        "network_involvement_bars": figures.network_involvement_bars(d["per_net"]),
+        "group_agreement_figure": figures.group_agreement_figure(d["agree"]),
+        "model_comparison_figure": figures.model_comparison_figure(d["models"]),
     }
 
 
-def build_report(d) -> tuple[Report, int]:
+@pytest.fixture(scope="module")
+def figs(data) -> dict[str, Figure]:
+    return all_figures(data)
+
+
+def build_report(d, figs: dict[str, Figure]) -> tuple[Report, int]:
     rep = Report("Participant sub-01", subtitle="task-pieman, model smollm2-135m")
     rep.summary({"Participant": "sub-01", "Runs": 2, "Atoms": d["atoms"].shape[1]})
     n = 0
-    for name, fig in all_figures(d).items():
-        sec = rep.add_section(name.capitalize())
+    for name, fig in figs.items():
+        sec = rep.add_section(name.replace("_", " ").capitalize())
         sec.text(f"About {name} <b>not bold</b>.")
-        sec.figure(fig, f"The {name} figure. Read it left to right.")
+        sec.figure(fig, figures.CAPTIONS[name])
         n += 1
     tab = rep.add_section("Tables")
     tab.table(d["corr"], caption="Atom-network overlaps", max_rows=10)
@@ -156,8 +162,7 @@ def build_report(d) -> tuple[Report, int]:
 
 
 # --------------------------------------------------------------------- tests
-def test_every_figure_kind_returns_a_drawable_figure(data):
-    figs = all_figures(data)
+def test_every_figure_kind_returns_a_drawable_figure(figs):
     for name, fig in figs.items():
         assert isinstance(fig, Figure), name
         buf = io.BytesIO()
@@ -166,6 +171,37 @@ def test_every_figure_kind_returns_a_drawable_figure(data):
         # a real drawing, not the "nothing to show" placeholder
         texts = [t.get_text() for t in fig.findobj(lambda a: hasattr(a, "get_text"))]
         assert not any("Nothing to show" in t for t in texts), name
+
+
+def test_every_figure_kind_has_a_default_caption(figs):
+    assert set(figures.CAPTIONS) == set(figs)
+
+
+def test_figures_draw_what_they_are_given(data):
+    fig = figures.atoms_figure(data["t"], data["atoms"], max_atoms=4)
+    heat = fig.axes[1].get_images()[0].get_array()
+    np.testing.assert_allclose(heat, np.corrcoef(data["atoms"], rowvar=False), atol=1e-12)
+    assert len(fig.axes[0].get_lines()) == 4
+    # long and wide sub-group tables give the same matrix
+    long = data["sub_long"]
+    wide = long.pivot(index="atom", columns="layer", values="n_neurons")
+    a = figures.subgroup_layers_figure(long).axes[0].get_images()[0].get_array()
+    b = figures.subgroup_layers_figure(wide).axes[0].get_images()[0].get_array()
+    np.testing.assert_array_equal(a, b)
+    assert a.sum() == long["n_neurons"].sum()
+    # long and wide model tables give the same bars
+    models = data["models"].drop(columns="note")
+    melted = models.melt(id_vars="model", var_name="metric", value_name="value")
+    heights = [[p.get_height() for p in ax.patches]
+               for ax in figures.model_comparison_figure(models).axes if ax.patches]
+    heights_long = [[p.get_height() for p in ax.patches]
+                    for ax in figures.model_comparison_figure(melted).axes if ax.patches]
+    assert heights == heights_long and len(heights) == models.shape[1] - 1
+    # the histogram legend counts the significant voxels
+    sig = data["cv_r"] > 0.1
+    legend = [t.get_text() for t in figures.cv_r_histogram(data["cv_r"], sig).axes[0]
+              .get_legend().get_texts()]
+    assert any(f"significant (n = {int(sig.sum())}," in t for t in legend)
 
 
 def test_empty_inputs_give_a_nothing_to_show_figure():
@@ -189,6 +225,10 @@ def test_inconsistent_inputs_raise_dataerror(data):
         figures.runs_timeline(data["runs"].drop(columns="n_words"))
     with pytest.raises(DataError, match="direction"):
         figures.correspondence_heatmap(data["corr"].assign(direction="sideways"))
+    with pytest.raises(MissingInputError, match="nope.nii.gz"):
+        figures.glass_brain("/nonexistent/nope.nii.gz", "z")
+    with pytest.raises(DataError, match="3D"):
+        figures.glass_brain(nib.Nifti1Image(np.ones((4, 4, 4, 2), np.float32), np.eye(4)), "z")
     with pytest.raises(DataError, match="significant"):
         figures.cv_r_histogram(data["cv_r"], data["cv_r"][:5] > 0)
 
@@ -204,10 +244,10 @@ def test_correspondence_signs_and_links(data):
     assert marks[0, 0] == "+" and marks[1, 1] == "\u2212" and marks[0, 1] == ""
 
 
-def test_figures_are_closed_and_report_is_self_contained(data, tmp_path):
+def test_figures_are_closed_and_report_is_self_contained(data, figs):
     import matplotlib.pyplot as plt
 
-    rep, n = build_report(data)
+    rep, n = build_report(data, figs)
     fig = plt.figure()  # a pyplot figure must be closed after rendering
     rep.add_section("Pyplot").figure(fig, "A pyplot figure.")
     assert not plt.fignum_exists(fig.number)
@@ -256,8 +296,8 @@ def test_anchors_unique_and_png_bytes_accepted():
         a.figure(b"GIF89a....", "not a png")
 
 
-def test_report_loads_in_headless_chromium(data, tmp_path, chromium):
-    rep, n = build_report(data)
+def test_report_loads_in_headless_chromium(data, figs, tmp_path, chromium):
+    rep, n = build_report(data, figs)
     page = rep.write(tmp_path / "out" / "sub-01.html")
     dom, console = load_in_chromium(chromium, page, tmp_path / "profile")
     assert console == [], f"console messages: {console}"

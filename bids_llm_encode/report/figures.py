@@ -18,8 +18,10 @@ Participant report: :func:`runs_timeline`, :func:`neuron_timecourses`,
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Optional, Sequence
 
 import matplotlib
@@ -31,7 +33,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from ..errors import DataError
+from ..errors import DataError, MissingInputError
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +41,49 @@ ACTIVATION_COLOR = "#c0392b"
 DEACTIVATION_COLOR = "#2c6fbb"
 _POSITIVE = {"activation", "activates", "positive", "pos", "+", "1", "+1"}
 _NEGATIVE = {"deactivation", "deactivates", "negative", "neg", "-", "-1"}
+
+
+#: Default captions (what each figure shows and how to read it), for ``Section.figure``.
+CAPTIONS = {
+    "runs_timeline": (
+        "Runs of this participant. Grey bar: the whole scan (frames x TR); blue bar: the part "
+        "of the scan during which the story played. The text gives frames, TR and the number "
+        "of words of the story."),
+    "neuron_timecourses": (
+        "A few artificial neurons' responses after convolution with the HRF, one per line "
+        "(labels: layer and unit), each centred and scaled to its own range. The rug below "
+        "marks each word onset: responses follow the words with the haemodynamic delay."),
+    "atoms_figure": (
+        "Atoms of the sparse dictionary (X ~ D A): left, the temporal patterns (columns of D); "
+        "right, Pearson correlation between every pair of atoms (red positive, blue negative). "
+        "Mostly pale off-diagonal cells mean the atoms are diverse."),
+    "subgroup_layers_figure": (
+        "Sub-group of each atom: the neurons with a non-zero loading on it. Left, how many of "
+        "them lie in each layer (rows: atoms, columns: layers); right, the sub-group size."),
+    "cv_r_histogram": (
+        "Cross-validated prediction accuracy (correlation on held-out data) of the encoding "
+        "model with the atoms as regressors, over brain voxels. Red: voxels significant after "
+        "the autocorrelation-preserving permutation test and FDR control."),
+    "glass_brain": (
+        "Glass-brain projection (left, top, right, front views) of a statistical map: red, "
+        "activation (positive); blue, deactivation (negative); values below the threshold "
+        "are not drawn."),
+    "correspondence_heatmap": (
+        "Overlap (Dice) of each atom's thresholded map with each functional network, signed: "
+        "red where the atom activates the network, blue where it deactivates it (the stronger "
+        "of the two). Marked cells (+, \u2212, \u00b1) are the significant links."),
+    "network_involvement_bars": (
+        "For each functional network, how many atoms activate it (right, red) and deactivate "
+        "it (left, blue). Fewer atoms per network means a more compact organization."),
+    "group_agreement_figure": (
+        "Group links between atoms and networks, with the fraction of participants whose own "
+        "maps show the same link (red: activation, blue: deactivation). The dotted line marks "
+        "half of the participants."),
+    "model_comparison_figure": (
+        "Organization metrics for each model, one panel per metric: atoms per network (fewer is "
+        "more compact), temporal consistency of atoms linked to the same network, diversity "
+        "among atoms, and the dictionary and encoding R^2."),
+}
 
 
 # ----------------------------------------------------------------- helpers
@@ -350,6 +395,8 @@ def glass_brain(stat_img, title: str, threshold: float = 3.1, vmax: Optional[flo
     from nilearn import image, plotting
 
     func = "glass_brain"
+    if isinstance(stat_img, (str, os.PathLike)) and not Path(stat_img).is_file():
+        raise MissingInputError(f"{func}: the statistical map {stat_img} does not exist")
     try:
         img = image.load_img(stat_img)
     except Exception as exc:  # nilearn raises several types for unreadable images
