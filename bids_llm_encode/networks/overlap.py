@@ -196,7 +196,7 @@ def correspondence(
     atlas: Atlas,
     *,
     threshold: float = 3.1,
-    n_null: int = 1000,
+    n_null: Optional[int] = 1000,
     seed: int = 0,
     fdr_alpha: float = 0.05,
     min_kept: float = 0.5,
@@ -214,8 +214,12 @@ def correspondence(
         ``maps`` of shape (n_networks, n_voxels).
     threshold : float
         ``z > threshold`` is the activation map, ``z < -threshold`` the deactivation map.
-    n_null : int
-        Circular shifts per map (the same offsets serve all networks).
+    n_null : int or None
+        Circular shifts drawn per map (the same offsets serve all networks).
+        ``None`` (or 0) uses every valid shift (typically 10^4 - 10^5 at 4 mm)
+        at no extra cost, which gives p-values fine enough for FDR over
+        thousands of tests: with ``n_null`` draws the smallest p is
+        ``1 / (n_null + 1)``.
     seed : int
     fdr_alpha : float
         ``linked`` means ``q < fdr_alpha`` and ``dice > 0``.
@@ -246,7 +250,8 @@ def correspondence(
         log.warning("z maps hold %d non-finite values; they count as below threshold",
                     int((~np.isfinite(z)).sum()))
         z = np.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)
-    if n_null < 1 or threshold < 0 or not 0 < fdr_alpha < 1 or not 0 < min_kept <= 1:
+    exhaustive = not n_null
+    if (not exhaustive and n_null < 1) or threshold < 0 or not 0 < fdr_alpha < 1 or not 0 < min_kept <= 1:
         raise UsageError(f"correspondence: need n_null >= 1, threshold >= 0, 0 < fdr_alpha < 1, "
                          f"0 < min_kept <= 1; got {n_null}, {threshold}, {fdr_alpha}, {min_kept}")
     n_atoms, n_net = z.shape[0], nets.shape[0]
@@ -272,12 +277,15 @@ def correspondence(
                     log.warning("atom %s %s: no shift keeps %.0f%% of its %d voxels in the mask; p = 1",
                                 names[a], sign, 100 * min_kept, k)
                 else:
-                    rng = np.random.default_rng([seed, a, s])
-                    pick = rng.choice(valid, size=n_null, replace=valid.size < n_null)
+                    if exhaustive:
+                        pick = valid
+                    else:
+                        rng = np.random.default_rng([seed, a, s])
+                        pick = rng.choice(valid, size=n_null, replace=valid.size < n_null)
                     rate_null = c[:-1, pick] / kept[pick][None]
                     rate_obs = inter / k
                     exceed = (rate_null >= rate_obs[:, None] - 1e-12).sum(axis=1)
-                    pvals[a, :, s] = (1 + exceed) / (1 + n_null)
+                    pvals[a, :, s] = (1 + exceed) / (1 + pick.size)
             for n in range(n_net):
                 ov = int(inter[n])
                 den = k + int(net_size[n])
