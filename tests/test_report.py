@@ -23,9 +23,13 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 from matplotlib.figure import Figure
 
 from bids_llm_encode.errors import DataError, MissingInputError
+from bids_llm_encode.networks.metrics import organization_metrics
+from bids_llm_encode.networks.overlap import SIGNS, link_agreement
+from bids_llm_encode.patterns.subgroups import subgroups
 from bids_llm_encode.report import figures
 from bids_llm_encode.report.html import Report
 
@@ -82,18 +86,23 @@ def synthetic_data() -> dict:
     atoms /= np.linalg.norm(atoms, axis=0)
     onsets = np.sort(rng.uniform(10, 170, 300))
     X = rng.standard_normal((n_frames, 5)).cumsum(axis=0)
-    sub_long = pd.DataFrame([(k, layer, int(rng.integers(0, 40)))
-                             for k in range(K) for layer in range(n_layers)],
-                            columns=["atom", "layer", "n_neurons"])
+    # the tables come from the project's own producers, as in a run
+    n_neurons = 20 * n_layers
+    loadings = sp.random(K, n_neurons, density=0.2, format="csr", random_state=0,
+                         data_rvs=rng.standard_normal)
+    subs = subgroups(loadings, np.repeat(np.arange(n_layers), 20))
     nets = ["Visual", "Somatomotor", "Language", "Auditory", "Default"]
-    corr = pd.DataFrame([(k, n, d, float(rng.uniform(0, 0.5)), bool(rng.random() < 0.15))
-                         for k in range(K) for n in nets
-                         for d in ("activation", "deactivation")],
-                        columns=["atom", "network", "direction", "dice", "linked"])
-    per_net = pd.DataFrame({"network": nets, "n_activating": rng.integers(0, 8, len(nets)),
-                            "n_deactivating": rng.integers(0, 5, len(nets))})
-    agree = corr[corr.linked].assign(fraction=lambda d: rng.uniform(0, 1, len(d)),
-                                     n_participants=12)
+
+    def correspondence_table():
+        return pd.DataFrame([(k, n, sign, float(rng.uniform(0, 0.5)), float(rng.uniform()),
+                              bool(rng.random() < 0.15))
+                             for k in range(K) for n in nets for sign in SIGNS],
+                            columns=["atom", "network", "sign", "dice", "p", "linked"])
+
+    corr = correspondence_table()
+    agree = link_agreement([corr] + [correspondence_table() for _ in range(5)])
+    _, per_net = organization_metrics(corr, atoms, subs, 0.55, rng.uniform(0, 0.1, 50),
+                                      networks=nets)
     models = pd.DataFrame({"model": ["minilm", "smollm2", "gemma3"],
                            "atoms_per_network": rng.uniform(2, 9, 3),
                            "consistency": rng.uniform(0, 0.5, 3),
@@ -113,7 +122,7 @@ def synthetic_data() -> dict:
     z[30:34, 22:27, 22:27] = -4.0
     zimg = nib.Nifti1Image(z, affine)
     cv_r = rng.normal(0.02, 0.05, 2000)
-    return dict(t=t, atoms=atoms, onsets=onsets, X=X, sub_long=sub_long, corr=corr,
+    return dict(t=t, atoms=atoms, onsets=onsets, X=X, subs=subs, corr=corr,
                 per_net=per_net, agree=agree, models=models, runs=runs, zimg=zimg, cv_r=cv_r)
 
 
@@ -129,7 +138,7 @@ def all_figures(d) -> dict[str, Figure]:
         "neuron_timecourses": figures.neuron_timecourses(d["t"], d["X"], d["onsets"],
                                               [f"L{i}:u{7 * i}" for i in range(5)]),
         "atoms_figure": figures.atoms_figure(d["t"], d["atoms"], max_atoms=8),
-        "subgroup_layers_figure": figures.subgroup_layers_figure(d["sub_long"]),
+        "subgroup_layers_figure": figures.subgroup_layers_figure(d["subs"]),
         "cv_r_histogram": figures.cv_r_histogram(d["cv_r"], d["cv_r"] > 0.1),
         "glass_brain": figures.glass_brain(d["zimg"], "atom 0: z map", threshold=3.1),
         "correspondence_heatmap": figures.correspondence_heatmap(d["corr"]),
@@ -182,13 +191,22 @@ def test_figures_draw_what_they_are_given(data):
     heat = fig.axes[1].get_images()[0].get_array()
     np.testing.assert_allclose(heat, np.corrcoef(data["atoms"], rowvar=False), atol=1e-12)
     assert len(fig.axes[0].get_lines()) == 4
-    # long and wide sub-group tables give the same matrix
-    long = data["sub_long"]
-    wide = long.pivot(index="atom", columns="layer", values="n_neurons")
-    a = figures.subgroup_layers_figure(long).axes[0].get_images()[0].get_array()
-    b = figures.subgroup_layers_figure(wide).axes[0].get_images()[0].get_array()
-    np.testing.assert_array_equal(a, b)
-    assert a.sum() == long["n_neurons"].sum()
+    # the sub-group table, its long form and a plain matrix give the same heatmap
+    subs = data["subs"]
+    layer_cols = [c for c in subs.columns if c.startswith("layer_")]
+    long = subs.melt(id_vars="atom", value_vars=layer_cols, var_name="layer",
+                     value_name="n_neurons").assign(layer=lambda d: d.layer.str[6:].astype(int))
+    mats = [figures.subgroup_layers_figure(t).axes[0].get_images()[0].get_array()
+            for t in (subs, long, subs.set_index("atom")[layer_cols])]
+    np.testing.assert_array_equal(mats[0], subs[layer_cols].to_numpy())
+    np.testing.assert_array_equal(mats[0], mats[1])
+    np.testing.assert_array_equal(mats[0], mats[2])
+    # involvement bars: activating to the right, deactivating to the left, one per network
+    per_net = data["per_net"]
+    widths = [p.get_width() for p in figures.network_involvement_bars(per_net).axes[0].patches]
+    n = len(per_net)
+    assert widths[:n] == per_net["n_atoms_activate"].tolist()
+    assert widths[n:] == (-per_net["n_atoms_deactivate"]).tolist()
     # long and wide model tables give the same bars
     models = data["models"].drop(columns="note")
     melted = models.melt(id_vars="model", var_name="metric", value_name="value")
@@ -224,7 +242,7 @@ def test_inconsistent_inputs_raise_dataerror(data):
     with pytest.raises(DataError, match="n_words"):
         figures.runs_timeline(data["runs"].drop(columns="n_words"))
     with pytest.raises(DataError, match="direction"):
-        figures.correspondence_heatmap(data["corr"].assign(direction="sideways"))
+        figures.correspondence_heatmap(data["corr"].assign(sign="sideways"))
     with pytest.raises(MissingInputError, match="nope.nii.gz"):
         figures.glass_brain("/nonexistent/nope.nii.gz", "z")
     with pytest.raises(DataError, match="3D"):

@@ -134,6 +134,15 @@ def _require(df, columns: Sequence[str], func: str) -> None:
         raise DataError(f"{func}: the table lacks column(s) {missing}; it has {list(df.columns)}")
 
 
+def _pick(df: pd.DataFrame, names: Sequence[str], func: str) -> str:
+    """The first of ``names`` that is a column of ``df`` (aliases of one quantity)."""
+    for name in names:
+        if name in df.columns:
+            return name
+    raise DataError(f"{func}: the table needs one of the columns {list(names)}; "
+                    f"it has {list(df.columns)}")
+
+
 def _is_empty(df) -> bool:
     return df is None or (isinstance(df, pd.DataFrame) and df.empty)
 
@@ -286,8 +295,13 @@ def atoms_figure(frame_times, atoms, max_atoms: int = 16) -> Figure:
 
 
 def _subgroup_matrix(df: pd.DataFrame, func: str) -> pd.DataFrame:
-    """Atoms x layers counts from long (atom, layer, n_neurons) or wide (atoms x layers) form."""
-    if {"atom", "layer"} <= set(df.columns):
+    """Atoms x layers counts from the sub-group table, long form, or a plain matrix."""
+    layer_cols = [c for c in df.columns if str(c).startswith("layer_")]
+    if layer_cols:  # patterns.subgroups.subgroups(): atom, size, ..., layer_00, layer_01, ...
+        mat = df.set_index("atom")[layer_cols] if "atom" in df.columns else df[layer_cols]
+        mat = mat.rename(columns=lambda c: int(str(c)[len("layer_"):])
+                         if str(c)[len("layer_"):].isdigit() else c)
+    elif {"atom", "layer"} <= set(df.columns):
         count = next((c for c in ("n_neurons", "count", "size") if c in df.columns), None)
         if count is None:
             raise DataError(f"{func}: the long table needs a count column "
@@ -307,9 +321,10 @@ def subgroup_layers_figure(subgroups_df: pd.DataFrame) -> Figure:
     Parameters
     ----------
     subgroups_df : pandas.DataFrame
-        Either long form with columns ``atom``, ``layer``, ``n_neurons``
-        (neurons of the sub-group in that layer), or wide form with one row
-        per atom (index) and one column per layer.
+        The table of :func:`bids_llm_encode.patterns.subgroups.subgroups`
+        (one row per atom: ``atom``, ``layer_00``, ``layer_01``, ... counts;
+        other columns ignored); or long form with columns ``atom``, ``layer``,
+        ``n_neurons``; or an all-numeric matrix (index atoms, columns layers).
     """
     func = "subgroup_layers_figure"
     if _is_empty(subgroups_df):
@@ -425,9 +440,9 @@ def glass_brain(stat_img, title: str, threshold: float = 3.1, vmax: Optional[flo
 
 def _correspondence_matrix(corr_df: pd.DataFrame, func: str):
     """Signed dice (atoms x networks) and markers of linked cells."""
-    _require(corr_df, ["atom", "network", "direction", "dice"], func)
+    _require(corr_df, ["atom", "network", "dice"], func)
     df = corr_df.copy()
-    df["sign"] = _direction_sign(df["direction"], func)
+    df["sign"] = _direction_sign(df[_pick(df, ("sign", "direction"), func)], func)
     df["signed"] = df["sign"] * pd.to_numeric(df["dice"], errors="coerce").fillna(0).abs()
     df["linked"] = df["linked"].astype(bool) if "linked" in df.columns else False
     atoms = sorted(df["atom"].unique(), key=_natural_key)
@@ -459,9 +474,11 @@ def correspondence_heatmap(corr_df: pd.DataFrame) -> Figure:
     Parameters
     ----------
     corr_df : pandas.DataFrame, long form
-        Columns ``atom``, ``network``, ``direction`` ("activation" /
-        "deactivation", or "+" / "-"), ``dice`` (0..1), optional ``linked``
-        (bool: the atom is linked to the network in that direction).
+        The table of :func:`bids_llm_encode.networks.overlap.correspondence`:
+        columns ``atom``, ``network``, ``sign`` (or ``direction``:
+        "activation" / "deactivation", or "+" / "-"), ``dice`` (0..1),
+        optional ``linked`` (bool: the atom is linked to the network in that
+        direction). Other columns are ignored.
 
     Returns
     -------
@@ -499,7 +516,9 @@ def network_involvement_bars(per_network_df: pd.DataFrame) -> Figure:
     Parameters
     ----------
     per_network_df : pandas.DataFrame, shape (n_networks, >= 3)
-        Columns ``network``, ``n_activating``, ``n_deactivating``.
+        The per-network table of :func:`bids_llm_encode.networks.metrics`:
+        columns ``network``, ``n_atoms_activate``, ``n_atoms_deactivate``
+        (also accepted: ``n_activating``, ``n_deactivating``).
 
     Returns
     -------
@@ -509,11 +528,12 @@ def network_involvement_bars(per_network_df: pd.DataFrame) -> Figure:
     func = "network_involvement_bars"
     if _is_empty(per_network_df):
         return empty_figure("Atoms per network", "no networks")
-    _require(per_network_df, ["network", "n_activating", "n_deactivating"], func)
+    _require(per_network_df, ["network"], func)
     df = per_network_df.reset_index(drop=True)
     n = len(df)
-    pos = pd.to_numeric(df["n_activating"], errors="coerce").fillna(0).to_numpy(float)
-    neg = pd.to_numeric(df["n_deactivating"], errors="coerce").fillna(0).to_numpy(float)
+    pos, neg = (pd.to_numeric(df[_pick(df, names, func)], errors="coerce").fillna(0).to_numpy(float)
+                for names in (("n_atoms_activate", "n_activating"),
+                              ("n_atoms_deactivate", "n_deactivating")))
     fig = Figure(figsize=(8, 1.0 + 0.38 * n), layout="constrained")
     ax = fig.add_subplot()
     y = np.arange(n)[::-1]
@@ -540,20 +560,26 @@ def group_agreement_figure(agreement_df: pd.DataFrame, max_links: int = 40) -> F
     Parameters
     ----------
     agreement_df : pandas.DataFrame, long form
-        Columns ``atom``, ``network``, ``direction``, ``fraction`` (0..1);
-        optional ``n_participants``.
+        The table of :func:`bids_llm_encode.networks.overlap.link_agreement`:
+        columns ``atom``, ``network``, ``sign`` (or ``direction``),
+        ``fraction_linked`` (or ``fraction``, 0..1); optional ``n_participants``.
+        Links that no participant shows are left out.
     max_links : int
         The links with the highest agreement are drawn, at most this many.
     """
     func = "group_agreement_figure"
     if _is_empty(agreement_df):
         return empty_figure("Group agreement", "no links")
-    _require(agreement_df, ["atom", "network", "direction", "fraction"], func)
+    _require(agreement_df, ["atom", "network"], func)
     df = agreement_df.copy()
-    df["fraction"] = pd.to_numeric(df["fraction"], errors="coerce")
+    df["fraction"] = pd.to_numeric(df[_pick(df, ("fraction_linked", "fraction"), func)],
+                                   errors="coerce")
     if ((df["fraction"] < 0) | (df["fraction"] > 1)).any():
-        raise DataError(f"{func}: fraction must lie in [0, 1]")
-    df["sign"] = _direction_sign(df["direction"], func)
+        raise DataError(f"{func}: the fraction of participants must lie in [0, 1]")
+    df["sign"] = _direction_sign(df[_pick(df, ("sign", "direction"), func)], func)
+    df = df[df["fraction"] > 0]
+    if df.empty:
+        return empty_figure("Group agreement", "no participant shows any link")
     df = df.sort_values("fraction", ascending=False).head(max_links).reset_index(drop=True)
     n = len(df)
     fig = Figure(figsize=(8, 1.2 + 0.3 * n), layout="constrained")
