@@ -29,6 +29,7 @@ import io
 import logging
 import os
 import re
+import sys
 from importlib import resources
 from pathlib import Path
 from string import Template
@@ -75,9 +76,8 @@ def _figure_png(fig_or_png: Any, dpi: int) -> bytes:
         fig_or_png.savefig(buf, format="png", dpi=dpi, bbox_inches="tight",
                            facecolor="white")
     finally:
-        import matplotlib.pyplot as plt
-
-        plt.close(fig_or_png)  # a no-op for figures that pyplot does not manage
+        if "matplotlib.pyplot" in sys.modules:  # else the figure cannot be one pyplot holds
+            sys.modules["matplotlib.pyplot"].close(fig_or_png)
     return buf.getvalue()
 
 
