@@ -386,9 +386,16 @@ def _acompcor(ts: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
     x = x - np.outer(t, t @ x) / (t @ t)
     sd = x.std(axis=0)
     x = x[:, sd > 1e-9] / sd[sd > 1e-9]
-    u, s, _ = np.linalg.svd(x, full_matrices=False)
-    var = s ** 2 / np.sum(s ** 2)
-    return u[:, :n], s[:n], var
+    # Left singular vectors through the small (n_frames x n_frames) Gram matrix: the same
+    # components as an SVD of x, at a fraction of the cost for many voxels.
+    evals, evecs = np.linalg.eigh(x @ x.T)
+    order = np.argsort(evals)[::-1]
+    evals = np.clip(evals[order], 0, None)
+    u = evecs[:, order[:n]]
+    u = u * np.where(u[np.abs(u).argmax(axis=0), np.arange(n)] < 0, -1.0, 1.0)  # deterministic sign
+    s = np.sqrt(evals)
+    var = evals / evals.sum()
+    return u, s[:n], var
 
 
 def confounds_table(bold: np.ndarray, grid: Grid, motion: np.ndarray, tr: float):
@@ -576,7 +583,7 @@ def _n_frames(onset: float, duration: float, tr: float) -> int:
 
 def generate_demo(out_dir, plant="word-features", n_subjects: int = 3, seed: int = 0,
                   cache_dir: Optional[os.PathLike] = None, overwrite: bool = False,
-                  atlas: Optional[Atlas] = None) -> Path:
+                  atlas: Optional[Atlas] = None, model_options: Optional[dict] = None) -> Path:
     """Write the demo dataset into ``out_dir`` and return its path.
 
     Parameters
@@ -594,6 +601,8 @@ def generate_demo(out_dir, plant="word-features", n_subjects: int = 3, seed: int
         Replace an existing non-empty ``out_dir``.
     atlas : records.Atlas, optional
         Network maps on the demo grid; default ``networks.atlases.load_atlas(plant.atlas, mask)``.
+    model_options : dict, optional
+        Config options for the model-atoms plant (e.g. ``{"model": ..., "sparsity": 0.1, "n_atoms": 64}``).
 
     Returns
     -------
@@ -612,7 +621,7 @@ def generate_demo(out_dir, plant="word-features", n_subjects: int = 3, seed: int
     except OSError as exc:
         raise CantCreateError(f"cannot create {out_dir}: {exc}") from exc
     try:
-        _generate(root, plant, int(n_subjects), int(seed), cache_dir, atlas)
+        _generate(root, plant, int(n_subjects), int(seed), cache_dir, atlas, model_options)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(root, out_dir)
@@ -624,11 +633,12 @@ def generate_demo(out_dir, plant="word-features", n_subjects: int = 3, seed: int
     return out_dir
 
 
-def _generate(root: Path, plant, n_subjects: int, seed: int, cache_dir, atlas: Optional[Atlas]) -> None:
+def _generate(root: Path, plant, n_subjects: int, seed: int, cache_dir, atlas: Optional[Atlas],
+              model_options: Optional[dict] = None) -> None:
     import nibabel as nib
     import pandas as pd
 
-    plant = make_plant(plant, cache_dir=Path(cache_dir) if cache_dir else None)
+    plant = make_plant(plant, cache_dir=Path(cache_dir) if cache_dir else None, config_overrides=model_options)
     subs = _participants(n_subjects)
     al = align_story(story_text(), seed=seed)
     log.info("story %r: %d words, %d unaligned, %.1f s of audio (%.2f words/s)", STORY, len(al.words),
@@ -678,7 +688,6 @@ def _generate(root: Path, plant, n_subjects: int, seed: int, cache_dir, atlas: O
         "SourceDatasets": [{"URL": "bids:raw:"}],
         "DatasetLinks": {"raw": "../../"},
     })
-    # Mask at the top of each subject, plus the truth maps.
     code = root / "code"
     vol = np.zeros((len(couplings),) + grid.shape, np.float32)
     vol[:, grid.mask] = weights
@@ -686,6 +695,68 @@ def _generate(root: Path, plant, n_subjects: int, seed: int, cache_dir, atlas: O
     truth_maps.header.set_xyzt_units("mm")
     _write_nifti(code / "demo_truth_maps.nii.gz", truth_maps)
 
+    # Small dense linear algebra: one BLAS thread is fast and immune to oversubscription.
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        runs_truth = _write_runs(root, plant, story, al, subs, grid, couplings, weights, seed)
+    shutil.rmtree(work, ignore_errors=True)
+    for dirpath, dirnames, filenames in os.walk(root):  # mkstemp makes 0600 files; a dataset is shared
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o755)
+        for f in filenames:
+            os.chmod(os.path.join(dirpath, f), 0o644)
+
+    truth = {
+        "DemoTruthVersion": "1.0",
+        "generator": {"name": "bids_llm_encode-demo", "version": __version__, "seed": seed,
+                      "n_subjects": n_subjects},
+        "plant": plant.describe(),
+        "gain_units": GAIN_UNITS,
+        "space": SPACE,
+        "grid": {"voxel_mm": VOXEL_MM, "shape": list(grid.shape), "affine": grid.affine.round(4).tolist(),
+                 "n_mask_voxels": grid.n_vox, "template": "nilearn MNI152 (ICBM 2009a sym.) brain mask, "
+                 "resampled to 4 mm and cropped"},
+        "atlas": {"name": atlas.name, "labels": labels,
+                  "n_voxels": {lab: int(maps[i].sum()) for i, lab in enumerate(labels)}},
+        "couplings": [{**c.as_dict(), "atlas": atlas.name, "network_index": labels.index(c.network),
+                       "n_voxels": int((weights[j] != 0).sum()), "map_volume": j}
+                      for j, c in enumerate(couplings)],
+        "maps": "code/demo_truth_maps.nii.gz",
+        "undriven": {
+            "networks": [lab for lab in labels if lab not in {c.network for c in couplings}],
+            "n_voxels": int((~driven).sum()),
+            "note": "every mask voxel with zero weight in all volumes of the maps file carries no planted signal",
+        },
+        "noise": NOISE,
+        "story": {"name": STORY, "n_words": len(al.words), "n_unaligned": int((~al.aligned).sum()),
+                  "n_unk": int(sum(w == "<unk>" for w in al.aligned_words)),
+                  "audio_duration_s": round(al.duration, 3),
+                  "words_per_second": round(len(al.words) / al.duration, 3),
+                  "stim_file": f"{STORY}_audio.wav", "alignment": f"stimuli/gentle/{STORY}/align.csv"},
+        "runs": runs_truth,
+    }
+    _write_json(root / TRUTH_FILE, truth)
+
+
+def _write_runs(root: Path, plant, story: Story, al: Alignment, subs: list, grid: Grid,
+                couplings: list, weights: np.ndarray, seed: int) -> list:
+    """Synthesize and write every run (raw BOLD + events, preproc BOLD, mask, confounds, truth signals).
+
+    Parameters
+    ----------
+    weights : ndarray, shape (n_couplings, n_vox)
+        Signed percent-signal-change weight of each coupling in each mask voxel.
+
+    Returns
+    -------
+    list of dict
+        The ``runs`` entries of the truth file.
+    """
+    import pandas as pd
+
+    fprep = root / "derivatives" / "fmriprep"
+    code = root / "code"
     runs_truth = []
     for si, s in enumerate(subs):
         rng = np.random.default_rng([seed, 1000 + si])
@@ -733,43 +804,7 @@ def _generate(root: Path, plant, n_subjects: int, seed: int, cache_dir, atlas: O
                 "gains": [round(float(c.gain * jitter[j]), 4) for j, c in enumerate(couplings)],
             })
             log.info("wrote %s (%d frames)", ent, n_frames)
-    shutil.rmtree(work, ignore_errors=True)
-    for dirpath, dirnames, filenames in os.walk(root):  # mkstemp makes 0600 files; a dataset is shared
-        for d in dirnames:
-            os.chmod(os.path.join(dirpath, d), 0o755)
-        for f in filenames:
-            os.chmod(os.path.join(dirpath, f), 0o644)
-
-    truth = {
-        "DemoTruthVersion": "1.0",
-        "generator": {"name": "bids_llm_encode-demo", "version": __version__, "seed": seed,
-                      "n_subjects": n_subjects},
-        "plant": plant.describe(),
-        "gain_units": GAIN_UNITS,
-        "space": SPACE,
-        "grid": {"voxel_mm": VOXEL_MM, "shape": list(grid.shape), "affine": grid.affine.round(4).tolist(),
-                 "n_mask_voxels": grid.n_vox, "template": "nilearn MNI152 (ICBM 2009a sym.) brain mask, "
-                 "resampled to 4 mm and cropped"},
-        "atlas": {"name": atlas.name, "labels": labels,
-                  "n_voxels": {lab: int(maps[i].sum()) for i, lab in enumerate(labels)}},
-        "couplings": [{**c.as_dict(), "atlas": atlas.name, "network_index": labels.index(c.network),
-                       "n_voxels": int((weights[j] != 0).sum()), "map_volume": j}
-                      for j, c in enumerate(couplings)],
-        "maps": "code/demo_truth_maps.nii.gz",
-        "undriven": {
-            "networks": [lab for lab in labels if lab not in {c.network for c in couplings}],
-            "n_voxels": int((~driven).sum()),
-            "note": "every mask voxel with zero weight in all volumes of the maps file carries no planted signal",
-        },
-        "noise": NOISE,
-        "story": {"name": STORY, "n_words": len(al.words), "n_unaligned": int((~al.aligned).sum()),
-                  "n_unk": int(sum(w == "<unk>" for w in al.aligned_words)),
-                  "audio_duration_s": round(al.duration, 3),
-                  "words_per_second": round(len(al.words) / al.duration, 3),
-                  "stim_file": f"{STORY}_audio.wav", "alignment": f"stimuli/gentle/{STORY}/align.csv"},
-        "runs": runs_truth,
-    }
-    _write_json(root / TRUTH_FILE, truth)
+    return runs_truth
 
 
 def _synth_run(rng, grid: Grid, pct: np.ndarray, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
@@ -851,6 +886,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--participants", type=int, default=3, help="number of participants (>= 2; default 3)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--cache-dir", type=Path, default=None, help="cache for the model work (model-atoms)")
+    p.add_argument("--model", default=None, help="model-atoms: language model (default: the pipeline's default)")
+    p.add_argument("--n-atoms", type=int, default=None, help="model-atoms: dictionary size K")
+    p.add_argument("--sparsity", type=float, default=None, help="model-atoms: dictionary sparsity (lambda)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     p.add_argument("-v", "--verbose", action="count", default=0)
     return p
@@ -860,9 +898,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    options = {k: v for k, v in (("model", args.model), ("n_atoms", args.n_atoms),
+                                 ("sparsity", args.sparsity)) if v is not None}
     try:
         path = generate_demo(args.out_dir, plant=args.plant, n_subjects=args.participants, seed=args.seed,
-                             cache_dir=args.cache_dir, overwrite=args.overwrite)
+                             cache_dir=args.cache_dir, overwrite=args.overwrite, model_options=options)
     except BidsAppError as exc:
         print(f"bids_llm_encode-demo: error: {exc}", file=sys.stderr)
         return exc.exit_code

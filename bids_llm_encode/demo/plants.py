@@ -322,6 +322,7 @@ class ModelAtomsPlant:
         log.info("model-atoms plant: computing the %s dictionary of story %r (K=%d)",
                  cfg.model, story.name, cfg.n_atoms)
         activations, dictionary = story_dictionary(story, cfg, cache)
+        index = {}
         if self.atom_indices is not None:
             index = {k: int(v) for k, v in self.atom_indices.items()}
             missing = set(self._names) - set(index)
@@ -330,12 +331,27 @@ class ModelAtomsPlant:
             bad = [v for v in index.values() if not 0 <= v < dictionary.n_atoms]
             if bad:
                 raise UsageError(f"model-atoms plant: atom indices {bad} out of range 0..{dictionary.n_atoms - 1}")
-        else:
-            picks = choose_distinct_atoms(dictionary.atoms, len(self._names))
-            index = dict(zip(self._names, picks))
-        sub = dictionary.atoms[:, [index[n] for n in self._names]]
-        r = np.corrcoef(sub.T) if len(self._names) > 1 else np.ones((1, 1))
+        # Choose among atoms as the pipeline will see them: projected on the loadings at the
+        # story's reference grid (run_design), with a non-empty AN sub-group.
+        from ..workflows.stimulus import run_design
+
         sizes = np.diff(dictionary.loadings.tocsr().indptr)
+        ref = np.asarray(run_design(dictionary.frame_times, story, activations, dictionary, cfg))
+        usable = np.flatnonzero((sizes > 0) & (ref.std(axis=0) > 1e-9))
+        if self.atom_indices is None:
+            if usable.size < len(self._names):
+                raise DataError(
+                    f"model-atoms plant: the {cfg.model} dictionary of story {story.name!r} has only "
+                    f"{usable.size} atoms with a non-empty neuron sub-group (R^2 {dictionary.r2:.3f}, "
+                    f"sparsity {cfg.sparsity}); {len(self._names)} are needed. Lower the sparsity "
+                    "(--sparsity) or use --plant word-features.")
+            picks = choose_distinct_atoms(ref[:, usable], len(self._names))
+            index = dict(zip(self._names, (int(usable[i]) for i in picks)))
+        elif not set(index.values()) <= set(usable.tolist()):
+            raise UsageError(f"model-atoms plant: atoms {sorted(set(index.values()) - set(usable.tolist()))} "
+                             "have empty neuron sub-groups and cannot drive anything")
+        sub = ref[:, [index[n] for n in self._names]]
+        r = np.corrcoef(sub.T) if len(self._names) > 1 else np.ones((1, 1))
         self._state = {"config": cfg, "activations": activations, "dictionary": dictionary,
                        "index": index, "r": r, "subgroup_sizes": {n: int(sizes[index[n]]) for n in self._names}}
         log.info("model-atoms plant: atoms %s (max |r| between them %.2f)", index,
@@ -377,12 +393,18 @@ class ModelAtomsPlant:
 PLANTS = {"word-features": WordFeaturesPlant, "model-atoms": ModelAtomsPlant}
 
 
-def make_plant(plant, cache_dir: Optional[Path] = None):
-    """A plant instance from a name in :data:`PLANTS` or an object with the :class:`Plant` interface."""
+def make_plant(plant, cache_dir: Optional[Path] = None, config_overrides: Optional[dict] = None):
+    """A plant instance from a name in :data:`PLANTS` or an object with the :class:`Plant` interface.
+
+    ``config_overrides`` (Config option names -> values, e.g. ``{"sparsity": 0.1}``) go to the
+    model-atoms plant's Config.
+    """
     if isinstance(plant, str):
         if plant not in PLANTS:
             raise UsageError(f"unknown plant {plant!r}; choose one of {sorted(PLANTS)}")
-        return ModelAtomsPlant(cache_dir=cache_dir) if plant == "model-atoms" else WordFeaturesPlant()
+        if plant == "model-atoms":
+            return ModelAtomsPlant(cache_dir=cache_dir, config_overrides=dict(config_overrides or {}))
+        return WordFeaturesPlant()
     for attr in ("kind", "atlas", "couplings", "prepare", "signals", "describe"):
         if not hasattr(plant, attr):
             raise UsageError(f"plant {plant!r} lacks {attr!r} (see bids_llm_encode.demo.plants.Plant)")
