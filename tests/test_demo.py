@@ -267,13 +267,19 @@ class SineDrive:
 
 
 def test_deterministic_with_seed_and_pluggable_plant(demo, tmp_path):
-    again = gen.generate_demo(tmp_path / "again", plant="word-features", n_subjects=3, seed=0)
-    files = sorted(p.relative_to(demo) for p in demo.rglob("*") if p.is_file())
-    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
-    for rel in files:
+    # Same seed, fewer participants: every file of the shared participants, the story and
+    # the truth maps are byte-identical (and the third participant is absent).
+    again = gen.generate_demo(tmp_path / "again", plant="word-features", n_subjects=2, seed=0)
+    files = sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    shared = [f for f in files if f.name not in ("participants.tsv", "demo_truth.json", "dataset_description.json")]
+    assert len(shared) > 25 and not any("sub-03" in str(f) for f in files)
+    for rel in shared:
         assert _sha(demo / rel) == _sha(again / rel), rel
+    t3, t2 = _truth(demo), _truth(again)
+    assert t2["runs"] == [r for r in t3["runs"] if r["subject"] != "03"]
     plant = SineDrive()
     other = gen.generate_demo(tmp_path / "other", plant=plant, n_subjects=2, seed=1)
+    assert gen.main([str(tmp_path / "other"), "--plant", "word-features"]) == CantCreateError.exit_code
     assert plant.prepared >= 900
     t = _truth(other)
     assert t["plant"]["kind"] == "sine" and [c["signal"] for c in t["couplings"]] == ["sine"]
