@@ -62,7 +62,7 @@ class Config:
     # networks (section 5)
     fbn_atlas: list[str] = field(default_factory=lambda: ["CA12", "Yeo7"])
     map_threshold: float = 3.1
-    n_spatial_null: int = 1000
+    n_spatial_null: Optional[int] = None  # None: every valid shift of the map (finest p-values)
     # group (section 7)
     compare: list[Path] = field(default_factory=list)
 

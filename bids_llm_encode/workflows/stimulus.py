@@ -65,8 +65,8 @@ def story_dictionary(story: Story, config: Config, cache: Cache) -> tuple[WordAc
         log.info("story %s: learning %d atoms from %d neurons x %d frames", story.name,
                  config.n_atoms, acts.values.shape[1], len(grid))
         X = frame_series(story.starts, acts.values, grid, hrf=config.hrf)
-        d = learn_dictionary(X, n_atoms=config.n_atoms, alpha=config.sparsity, seed=config.seed,
-                             device=_torch_device(config.device), frame_times=grid)
+        d = learn_dictionary(X, n_atoms=config.n_atoms, sparsity=config.sparsity, seed=config.seed,
+                             device=torch_device(config.device), frame_times=grid)
         np.save(folder / "atoms.npy", d.atoms)
         np.save(folder / "frame_times.npy", d.frame_times)
         sp.save_npz(folder / "loadings.npz", d.loadings.tocsr())
@@ -99,7 +99,8 @@ def run_design(frame_times_audio: np.ndarray, story: Story, activations: WordAct
     return project_atoms(X, dictionary.loadings)
 
 
-def _torch_device(device: str) -> str:
+def torch_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
     if device != "auto":
         return device
     import torch

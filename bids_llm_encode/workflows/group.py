@@ -1,0 +1,261 @@
+"""The group level: aggregate what the participant level wrote, per story.
+
+    participant derivatives -> per story and atom: one-sample maps (nilearn SecondLevelModel)
+                            -> group maps x atlases -> group links
+                            -> participants' agreement on each link, Dice between their maps
+                            -> organization metrics; with --compare, the same side by side
+                               across output folders made with other models
+                            -> group/ + group.html
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from ..bids.outputs import DerivativesWriter
+from ..cache import Cache, default_cache_dir
+from ..config import Config
+from ..errors import MissingInputError, NoMatchError
+from .participant import atom_names, label, model_label, unmask
+
+log = logging.getLogger(__name__)
+
+
+def _participant_stories(writer: DerivativesWriter, config: Config) -> dict[str, list[dict]]:
+    """story -> entities (sub, ses, task) of every participant output found, from the run summaries."""
+    out: dict[str, list[dict]] = defaultdict(list)
+    wanted = {s.removeprefix("sub-") for s in config.participant_label}
+    for folder in sorted(writer.output_dir.glob("sub-*")):
+        if not folder.is_dir():
+            continue
+        sub = folder.name[4:]
+        if wanted and sub not in wanted:
+            continue
+        summary = writer.path({"sub": sub, "desc": "runs"}, "summary", ".tsv")
+        if not summary.exists():
+            log.warning("sub-%s: no run summary (%s); skipped", sub, summary.name)
+            continue
+        df = pd.read_csv(summary, sep="\t", dtype=str, keep_default_na=False)
+        for (ses, task, story), _ in df.groupby(["session", "task", "story"], sort=True):
+            ent = {"sub": sub, "task": task}
+            if ses not in ("", "n/a", "None"):
+                ent["ses"] = ses
+            if ent not in out[story]:
+                out[story].append(ent)
+    return out
+
+
+def run_group_level(config: Config) -> None:
+    t0 = time.perf_counter()
+    if not (config.output_dir / "dataset_description.json").exists():
+        raise MissingInputError(
+            f"{config.output_dir}: no participant-level outputs (dataset_description.json is "
+            "missing). Run the participant level into this folder first.")
+    cache = Cache(config.cache_dir or default_cache_dir())
+    writer = DerivativesWriter(config.output_dir, config)
+    writer.write_config(config.resolved(), "group")
+    stories = _participant_stories(writer, config)
+    if not stories:
+        raise NoMatchError(f"{config.output_dir}: no participant outputs found"
+                           + (f" for {config.participant_label}" if config.participant_label else ""))
+    from ..report.html import Report
+
+    report = Report("Group report", subtitle=f"model {config.model} · {len(stories)} story(ies)")
+    all_metrics = {}
+    for story, entities in sorted(stories.items()):
+        log.info("group: story %s, %d participant output(s)", story, len(entities))
+        all_metrics[story] = GroupStory(story, entities, config, cache, writer, report).run()
+    comparison = compare_models(config, writer, report, all_metrics)
+    report.summary({"stories": len(stories), "participants": len({e["sub"] for v in stories.values()
+                                                                  for e in v}),
+                    "model": config.model, "models compared": len(comparison) if comparison is not None
+                    else 1})
+    writer.write_text(report.to_html(), writer.group_report_path())
+    log.info("group level done in %.0f s: %s", time.perf_counter() - t0, writer.group_report_path())
+
+
+class GroupStory:
+    def __init__(self, story, entities, config, cache, writer, report):
+        self.story, self.entities, self.config = story, entities, config
+        self.cache, self.writer, self.report = cache, writer, report
+
+    def _map(self, ent: dict, **extra) -> Path:
+        return self.writer.path(dict(ent, space=self.config.space, **extra), "statmap", ".nii.gz")
+
+    def run(self) -> dict:
+        from nilearn.glm.second_level import SecondLevelModel
+
+        from ..networks.atlases import load_atlas
+        from ..networks.metrics import organization_metrics
+        from ..networks.overlap import correspondence, link_agreement, links_table, pairwise_dice
+        from ..report import figures as fig
+
+        cfg, writer, story = self.config, self.writer, self.story
+        model = model_label(cfg)
+        atoms_tsv = writer.story_path(story, model, "atoms.tsv")
+        if not atoms_tsv.exists():
+            raise MissingInputError(f"{atoms_tsv}: the story's atoms are missing; run the participant "
+                                    f"level with --model {cfg.model} into this folder first")
+        atoms_df = pd.read_csv(atoms_tsv, sep="\t")
+        names = [c for c in atoms_df.columns if c.startswith("atom")]
+        atoms = atoms_df[names].to_numpy()
+        card = json.loads(writer.story_path(story, model, "modelcard.json").read_text())
+        sub_df = pd.read_csv(writer.story_path(story, model, "subgroups.tsv"), sep="\t")
+
+        ents = [e for e in self.entities if self._map(e, desc="atom00", stat="effect").exists()]
+        missing = [e["sub"] for e in self.entities if e not in ents]
+        if missing:
+            log.warning("story %s: no atom maps for sub-%s; skipped", story, ", sub-".join(missing))
+        if not ents:
+            raise MissingInputError(f"story {story}: no participant has atom maps in {writer.output_dir}")
+        masks = [nib.load(writer.path(dict(e, desc="cvfdr"), "mask", ".nii.gz")) for e in ents]
+        brain = self._group_mask(ents)
+        mask = np.asarray(brain.dataobj) > 0
+        n = len(ents)
+        sources = [self._map(e, desc=a.replace("-", ""), stat="effect") for e in ents for a in names[:1]]
+
+        # One-sample maps per atom, over participants.
+        group_z = np.zeros((len(names), int(mask.sum())), dtype=np.float32)
+        design = pd.DataFrame({"intercept": np.ones(n)})
+        for k, name in enumerate(names):
+            imgs = [str(self._map(e, desc=name, stat="effect")) for e in ents]
+            if n >= 2:
+                slm = SecondLevelModel(mask_img=brain, smoothing_fwhm=None).fit(imgs, design_matrix=design)
+                maps = slm.compute_contrast("intercept", output_type="all")
+                z_img, eff_img = maps["z_score"], maps["effect_size"]
+            else:
+                z_img = nib.load(str(self._map(ents[0], desc=name, stat="z")))
+                eff_img = nib.load(imgs[0])
+            group_z[k] = np.asarray(z_img.dataobj)[mask]
+            for stat, img in (("z", z_img), ("effect", eff_img)):
+                writer.write_nifti(img, writer.group_path(
+                    f"task-{label(story)}_space-{cfg.space}_desc-{name}_stat-{stat}_statmap.nii.gz", story),
+                    {"Description": f"Group {'one-sample ' if n >= 2 else ''}{stat} map of atom {k} over "
+                     f"{n} participant(s) (nilearn SecondLevelModel, intercept).", "Participants":
+                     [e["sub"] for e in ents]}, [self._map(e, desc=name, stat="effect") for e in ents])
+
+        cv_r2 = np.stack([np.asarray(nib.load(self._map(e, desc="cv", stat="rsquared")).dataobj)[mask]
+                          for e in ents])
+        mean_r2 = cv_r2.mean(axis=0)
+        sig_frac = np.mean([np.asarray(m.dataobj)[mask] > 0 for m in masks], axis=0)
+        writer.write_nifti(unmask(sig_frac, brain), writer.group_path(
+            f"task-{label(story)}_space-{cfg.space}_desc-cvfdr_stat-fraction_statmap.nii.gz", story),
+            {"Description": "Fraction of participants whose CV r is FDR-significant in each voxel."},
+            [writer.path(dict(e, desc="cvfdr"), "mask", ".nii.gz") for e in ents])
+
+        sec = self.report.add_section(f"Story '{story}'", anchor=f"story-{story}")
+        sec.keyvalues({"participants": n, "atoms": len(names), "dictionary R²": card.get("dictionary_r2"),
+                       "mean CV R² (max voxel)": round(float(mean_r2.max()), 3)})
+        sec.figure(fig.glass_brain(unmask(sig_frac, brain), "fraction of participants with "
+                                   "significant CV r", threshold=1e-6),
+                   "Where the atoms predict BOLD: the fraction of participants whose cross-validated r "
+                   "is FDR-significant.")
+        metrics_out = {}
+        for spec in cfg.fbn_atlas:
+            atlas = load_atlas(spec, brain, cache=self.cache, space=cfg.space)
+            desc = label(atlas.name)
+            corr = correspondence(group_z, brain, atlas, threshold=cfg.map_threshold,
+                                  n_null=cfg.n_spatial_null, seed=cfg.seed, fdr_alpha=cfg.fdr_alpha)
+            links = links_table(corr)
+            tables = []
+            for e in ents:
+                f = writer.path(dict(e, desc=desc), "overlap", ".tsv")
+                if f.exists():
+                    tables.append(pd.read_csv(f, sep="\t"))
+            agreement = link_agreement(tables) if tables else pd.DataFrame()
+            if len(agreement):
+                agreement = agreement.merge(corr[["atom", "network", "sign", "linked"]].rename(
+                    columns={"linked": "group_linked"}), on=["atom", "network", "sign"], how="left")
+                agreement["participant_map_dice"] = [self._participant_dice(ents, a, s, pairwise_dice)
+                                                     for a, s in zip(agreement["atom"], agreement["sign"])]
+            summary, per_network = organization_metrics(corr, atoms, sub_df, float(card["dictionary_r2"]),
+                                                        mean_r2)
+            summary = dict(summary, atlas=atlas.name, model=cfg.model, story=story, participants=n)
+            base = f"task-{label(story)}_desc-{desc}"
+            meta = {"Atlas": atlas.name, "MapThreshold": cfg.map_threshold, "Participants": n}
+            writer.write_tsv(corr, writer.group_path(f"{base}_overlap.tsv", story),
+                             {"Description": "Overlap of each group atom z map with each network.", **meta},
+                             sources)
+            writer.write_tsv(links, writer.group_path(f"{base}_links.tsv", story),
+                             {"Description": "Group atom -> network links.", **meta}, sources)
+            writer.write_tsv(agreement, writer.group_path(f"{base}_agreement.tsv", story),
+                             {"Description": "Per atom x network x sign: how many participants show the "
+                              "link, and how alike their thresholded maps are (mean pairwise Dice).",
+                              **meta}, sources)
+            writer.write_tsv(per_network, writer.group_path(f"{base}_metrics.tsv", story),
+                             {"Description": "Organization metrics per network (group links).", **meta},
+                             sources)
+            writer.write_json(summary, writer.group_path(f"{base}_metrics.json", story), sources)
+            metrics_out[atlas.name] = summary
+            log.info("group %s %s: %d link(s)", story, atlas.name, len(links))
+
+            sec = self.report.add_section(f"Networks ({atlas.name}), '{story}'",
+                                          anchor=f"networks-{desc}-{story}")
+            sec.figure(fig.correspondence_heatmap(corr.rename(columns={"sign": "direction"})),
+                       "Dice of each group atom map (thresholded) with each network; dots mark "
+                       "FDR-significant links.")
+            sec.figure(fig.network_involvement_bars(per_network),
+                       "Atoms that activate (up) / deactivate (down) each network at the group level.")
+            if len(agreement):
+                sec.figure(fig.group_agreement_figure(agreement.rename(
+                    columns={"sign": "direction", "fraction_linked": "fraction"})),
+                    "How many participants show each link on their own.")
+            if len(links):
+                sec.table(links, caption="Group links")
+            else:
+                sec.note("No group atom map overlaps a network beyond the spatial null.", kind="info")
+            sec.keyvalues({k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
+        return metrics_out
+
+    def _group_mask(self, ents) -> nib.Nifti1Image:
+        masks = [nib.load(self._map(e, desc="cv", stat="r")) for e in ents]
+        inside = np.all([np.asarray(m.dataobj) != 0 for m in masks], axis=0)
+        return nib.Nifti1Image(inside.astype(np.uint8), masks[0].affine)
+
+    def _participant_dice(self, ents, atom: str, sign: str, pairwise_dice) -> float:
+        brain = self._group_mask(ents)
+        mask = np.asarray(brain.dataobj) > 0
+        t = self.config.map_threshold
+        maps = []
+        for e in ents:
+            z = np.asarray(nib.load(self._map(e, desc=atom, stat="z")).dataobj)[mask]
+            maps.append(z > t if sign == "activation" else z < -t)
+        return pairwise_dice(np.array(maps))
+
+
+def compare_models(config: Config, writer: DerivativesWriter, report, own: dict):
+    """With --compare: the group metrics of several output folders (one model each) side by side."""
+    if not config.compare:
+        return None
+    from ..report import figures as fig
+
+    rows = []
+    for story, per_atlas in own.items():
+        for atlas, summary in per_atlas.items():
+            rows.append(dict(summary, output_dir=str(config.output_dir)))
+    for other in config.compare:
+        found = sorted(Path(other).glob("group/*/*_metrics.json"))
+        if not found:
+            raise MissingInputError(f"--compare {other}: no group metrics (group/<story>/*_metrics.json); "
+                                    "run the group level there first")
+        for f in found:
+            rows.append(dict(json.loads(f.read_text()), output_dir=str(other)))
+    table = pd.DataFrame(rows)
+    table = table.drop(columns=[c for c in table.columns if c == "Sources"])
+    writer.write_tsv(table, writer.group_path("model_comparison.tsv"),
+                     {"Description": "Organization metrics of each model (one row per output folder, "
+                      "story and atlas), side by side."}, [Path(p) for p in config.compare])
+    sec = report.add_section("Model comparison", anchor="model-comparison")
+    numeric = table.select_dtypes("number").columns.tolist()
+    sec.figure(fig.model_comparison_figure(table[["model", *numeric]]),
+               "Organization metrics side by side (the paper's BERT-versus-Llama comparison).")
+    sec.table(table[["model", "story", "atlas", *numeric]], caption="Metrics per model")
+    return table

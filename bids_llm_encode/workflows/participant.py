@@ -1,0 +1,326 @@
+"""The participant level: one straight line of stages per participant.
+
+    inputs (PyBIDS) -> per story: words -> neurons -> atoms [cached, shared]
+                    -> per story: confounds + BOLD -> encoding maps
+                    -> maps x network atlases -> links -> metrics
+                    -> derivatives + sub-X.html
+
+Only this module (and ``group.py``) knows the order of stages.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from ..bids.inputs import find_runs, run_summary
+from ..bids.outputs import DerivativesWriter
+from ..bids.validate import validate_dataset
+from ..cache import Cache, default_cache_dir
+from ..config import Config
+from ..errors import DataError
+from ..records import Atlas, Dictionary, EncodingResult, RunInputs, Story, WordActivations
+from . import stimulus
+
+log = logging.getLogger(__name__)
+
+
+def label(text: str) -> str:
+    """A BIDS label (letters and digits) from a free name: ``smollm2-135m`` -> ``smollm2135m``."""
+    return re.sub(r"[^0-9A-Za-z]", "", text)
+
+
+def model_label(config: Config) -> str:
+    """The model's name in file and folder names (a path's stem for local models)."""
+    name = Path(config.model).name if ("/" in config.model or config.model.endswith(".gguf")) \
+        else config.model
+    name = re.sub(r"\.gguf$", "", name)
+    return re.sub(r"[^0-9A-Za-z.-]", "-", name)
+
+
+def run_participant_level(config: Config) -> None:
+    """Run every selected participant, one after the other; see the module docstring."""
+    t0 = time.perf_counter()
+    cache = Cache(config.cache_dir or default_cache_dir())
+    if config.skip_bids_validation:
+        log.info("BIDS validation skipped (--skip-bids-validation)")
+    else:
+        validate_dataset(config.bids_dir)
+        log.info("BIDS validation of %s: no errors", config.bids_dir)
+    runs = find_runs(config)
+    by_subject: dict[str, list[RunInputs]] = defaultdict(list)
+    for run in runs:
+        by_subject[run.subject].append(run)
+    log.info("found %d run(s) of %d participant(s): %s", len(runs), len(by_subject),
+             ", ".join(f"sub-{s}" for s in sorted(by_subject)))
+    writer = DerivativesWriter(config.output_dir, config)
+    for i, subject in enumerate(sorted(by_subject), 1):
+        log.info("[%d/%d] participant sub-%s", i, len(by_subject), subject)
+        writer.write_config(config.resolved(), "participant", subject)
+        Participant(subject, by_subject[subject], config, cache, writer).run()
+    log.info("participant level done in %.0f s; outputs in %s", time.perf_counter() - t0,
+             config.output_dir)
+
+
+@dataclass
+class StoryResult:
+    """What one participant's encoding of one story produced (for the report)."""
+
+    story: Story
+    runs: list[RunInputs]
+    activations: WordActivations
+    dictionary: Dictionary
+    encoding: EncodingResult
+    mask_img: nib.Nifti1Image
+    entities: dict
+    correspondence: dict  # atlas name -> DataFrame
+    metrics: dict  # atlas name -> (summary dict, per-network DataFrame)
+    subgroups: pd.DataFrame
+
+
+class Participant:
+    """All stages for one participant; ``run()`` writes its derivatives and ``sub-X.html``."""
+
+    def __init__(self, subject: str, runs: list[RunInputs], config: Config, cache: Cache,
+                 writer: DerivativesWriter):
+        self.subject, self.runs, self.config, self.cache, self.writer = subject, runs, config, cache, writer
+
+    def run(self) -> None:
+        from ..report.html import Report
+
+        cfg = self.config
+        report = Report(f"Participant sub-{self.subject}",
+                        subtitle=f"model {cfg.model} · dataset {cfg.bids_dir.name}")
+        summary = self.write_summary()
+        from .report import participant_inputs_section, participant_story_sections
+
+        participant_inputs_section(report, summary, self.runs)
+        groups: dict[tuple, list[RunInputs]] = defaultdict(list)
+        for run in self.runs:
+            groups[(run.session, run.task, run.story.name)].append(run)
+        for (session, task, story_name), runs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+            log.info("sub-%s: story %s (task %s%s), %d run(s)", self.subject, story_name, task,
+                     f", session {session}" if session else "", len(runs))
+            result = self.process_story(runs)
+            participant_story_sections(report, result, cfg, self.writer)
+        report.summary({"participant": f"sub-{self.subject}", "runs": len(self.runs),
+                        "stories": len(groups), "model": cfg.model})
+        self.writer.write_text(report.to_html(), self.writer.report_path(self.subject))
+
+    # ------------------------------------------------------------------ inputs
+    def write_summary(self) -> pd.DataFrame:
+        rows = [run_summary(r) for r in self.runs]
+        df = pd.DataFrame(rows)
+        path = self.writer.path({"sub": self.subject, "desc": "runs"}, "summary", ".tsv", datatype="func")
+        self.writer.write_tsv(df, path, {
+            "Description": "One row per BOLD run found: timing, frames, words and the story span.",
+            "tr": {"Description": "repetition time", "Units": "s"},
+            "story_onset": {"Description": "scan time at which the story audio starts", "Units": "s"},
+            "n_unaligned": {"Description": "words the aligner could not place (times interpolated)"},
+            "story_first_frame": {"Description": "first frame inside the story (0-based)"},
+            "story_last_frame": {"Description": "last frame inside the story (0-based)"},
+        }, sources=[r.bold for r in self.runs] + [r.events for r in self.runs])
+        for r in self.runs:
+            log.info("sub-%s %s: TR %.3g s, %d frames, %d words (%d unaligned), story onset %.2f s",
+                     self.subject, r.bold.name, r.tr, r.n_frames, r.story.n_words,
+                     r.story.n_unaligned, r.story_onset)
+        return df
+
+    # ------------------------------------------------------------------ stages
+    def process_story(self, runs: list[RunInputs]) -> StoryResult:
+        from ..encoding.confounds import load_confounds
+        from ..encoding.fit import RunData, fit_encoding
+        from ..patterns.subgroups import subgroups as subgroup_table
+
+        cfg, writer = self.config, self.writer
+        story = runs[0].story
+        acts, dic = stimulus.story_dictionary(story, cfg, self.cache)
+        sub_df = subgroup_table(dic.loadings, acts.layer, mode=cfg.subgroup)
+        write_stimulus_outputs(writer, story, acts, dic, sub_df, cfg)
+
+        mask_img = _common_mask(runs)
+        mask = np.asarray(mask_img.dataobj) > 0
+        ent = {k: v for k, v in runs[0].entities.items() if k != "run"}
+        ent_space = dict(ent, space=cfg.space)
+        data = []
+        for r in runs:
+            img = nib.load(r.bold)
+            Y = np.asarray(img.dataobj, dtype=np.float32)[mask].T  # (frames, voxels)
+            conf, sample_mask = load_confounds(r.bold, r.confounds, cfg.confounds_strategy, cfg.scrub)
+            design = stimulus.run_design(r.frame_times - r.story_onset, story, acts, dic, cfg)
+            writer.write_tsv(pd.DataFrame(design, columns=atom_names(dic.n_atoms)),
+                             writer.path(dict(r.entities, desc="atoms"), "design", ".tsv"),
+                             {"Description": "Regressors of the encoding model: the atoms' time courses "
+                              "at this run's frames (least-squares projection of the run's neuron "
+                              "series on the story's fixed loadings), before confound regression.",
+                              "RepetitionTime": r.tr, "StoryOnset": r.story_onset},
+                             sources=[r.bold, r.events, story.source])
+            data.append(RunData(Y=Y, design=design, confounds=conf, sample_mask=sample_mask,
+                                repeat_group=story.name, name=r.bold.name,
+                                story_frames=_story_frames(r)))
+        enc = fit_encoding(data, cv_folds=cfg.cv_folds, n_permutations=cfg.n_permutations,
+                           fdr_alpha=cfg.fdr_alpha, seed=cfg.seed,
+                           backend="torch_cuda" if stimulus.torch_device(cfg.device) == "cuda" else "numpy")
+        sources = [r.bold for r in runs] + [r.mask for r in runs] + [r.confounds for r in runs]
+        self.write_encoding_maps(enc, mask_img, ent_space, sources)
+
+        corr, metrics = {}, {}
+        for atlas in self.atlases(mask_img):
+            corr[atlas.name], metrics[atlas.name] = self.networks(atlas, enc, dic, sub_df, mask_img,
+                                                                  ent_space, sources)
+        return StoryResult(story, runs, acts, dic, enc, mask_img, ent_space, corr, metrics, sub_df)
+
+    def write_encoding_maps(self, enc: EncodingResult, mask_img, ent: dict, sources) -> None:
+        writer, cfg = self.writer, self.config
+        info = {k: v for k, v in enc.info.items() if isinstance(v, (int, float, str, bool))}
+        names = atom_names(enc.effect.shape[0])
+        for k, name in enumerate(names):
+            for stat, values, what in (("effect", enc.effect[k], "effect size (z-scored BOLD per "
+                                        "unit of the z-scored atom regressor)"),
+                                       ("variance", enc.variance[k], "variance of the effect"),
+                                       ("z", enc.z[k], "z statistic of the effect (AR(1) errors)")):
+                writer.write_nifti(unmask(values, mask_img),
+                                   writer.path(dict(ent, desc=name.replace("-", ""), stat=stat),
+                                               "statmap", ".nii.gz"),
+                                   {"Description": f"Atom {k}: {what}.", "Atom": k, "Statistic": stat,
+                                    "Model": cfg.model, **info}, sources)
+        voxel_maps = [
+            ("cv", "r", enc.cv_r, "Cross-validated Pearson r between held-out BOLD and the ridge "
+             "prediction from the atoms."),
+            ("cv", "rsquared", enc.cv_r2, "Cross-validated R^2 (1 - SSE/SST on held-out data)."),
+            ("cv", "p", enc.p, "One-sided p-value of the CV r under the circular-shift null."),
+            ("insample", "rsquared", enc.in_sample_r2, "In-sample R^2 of the OLS fit (the paper's "
+             "number)."),
+        ]
+        if enc.noise_ceiling is not None:
+            voxel_maps.append(("noiseceiling", "r", enc.noise_ceiling, "Correlation between "
+                               "repeated presentations of the story (Spearman-Brown corrected)."))
+        for desc, stat, values, text in voxel_maps:
+            writer.write_nifti(unmask(values, mask_img),
+                               writer.path(dict(ent, desc=desc, stat=stat), "statmap", ".nii.gz"),
+                               {"Description": text, **info}, sources)
+        writer.write_nifti(unmask(enc.significant.astype(np.uint8), mask_img, dtype=np.uint8),
+                           writer.path(dict(ent, desc="cvfdr"), "mask", ".nii.gz"),
+                           {"Description": f"Voxels whose CV r is significant at FDR "
+                            f"{cfg.fdr_alpha} (Benjamini-Hochberg over the mask)."}, sources)
+
+    def atlases(self, mask_img) -> list[Atlas]:
+        from ..networks.atlases import load_atlas
+
+        return [load_atlas(spec, mask_img, cache=self.cache, space=self.config.space)
+                for spec in self.config.fbn_atlas]
+
+    def networks(self, atlas: Atlas, enc: EncodingResult, dic: Dictionary, sub_df: pd.DataFrame,
+                 mask_img, ent: dict, sources):
+        from ..networks.metrics import organization_metrics
+        from ..networks.overlap import correspondence, links_table
+
+        cfg, writer = self.config, self.writer
+        corr = correspondence(enc.z, mask_img, atlas, threshold=cfg.map_threshold,
+                              n_null=cfg.n_spatial_null, seed=cfg.seed, fdr_alpha=cfg.fdr_alpha)
+        desc = label(atlas.name)
+        atlas_meta = {"Atlas": atlas.name, "MapThreshold": cfg.map_threshold,
+                      "SpatialNulls": cfg.n_spatial_null, "FDRAlpha": cfg.fdr_alpha}
+        ent_noise = {k: v for k, v in ent.items() if k != "space"}
+        writer.write_tsv(corr, writer.path(dict(ent_noise, desc=desc), "overlap", ".tsv"),
+                         {"Description": "Overlap of each atom's thresholded z map (activation: z > "
+                          "threshold; deactivation: z < -threshold) with each network.", **atlas_meta},
+                         sources)
+        links = links_table(corr)
+        writer.write_tsv(links, writer.path(dict(ent_noise, desc=desc), "links", ".tsv"),
+                         {"Description": "Atom -> network links (FDR-significant overlaps), and so "
+                          "AN sub-group -> network.", **atlas_meta}, sources)
+        summary, per_network = organization_metrics(corr, dic.atoms, sub_df, dic.r2, enc.cv_r2)
+        writer.write_tsv(per_network, writer.path(dict(ent_noise, desc=desc), "metrics", ".tsv"),
+                         {"Description": "Organization metrics per network (method.md section 6).",
+                          **atlas_meta}, sources)
+        writer.write_json(dict(summary, atlas=atlas.name, model=self.config.model),
+                          writer.path(dict(ent_noise, desc=desc), "metrics", ".json"), sources)
+        log.info("sub-%s %s: %d atom -> network link(s)", self.subject, atlas.name, len(links))
+        return corr, (summary, per_network)
+
+
+def atom_names(n_atoms: int) -> list[str]:
+    return [f"atom{k:02d}" for k in range(n_atoms)]
+
+
+def write_stimulus_outputs(writer: DerivativesWriter, story: Story, acts: WordActivations,
+                           dic: Dictionary, sub_df: pd.DataFrame, cfg: Config) -> None:
+    """The per-story, per-model files shared by all participants (written once)."""
+    from ..patterns.subgroups import loadings_table
+    from ..signal.frames import frame_series
+
+    model = model_label(cfg)
+    card_path = writer.story_path(story.name, model, "modelcard.json")
+    if card_path.exists():
+        return
+    src = [story.source]
+    names = atom_names(dic.n_atoms)
+    atoms = pd.DataFrame(dic.atoms, columns=names)
+    atoms.insert(0, "time", dic.frame_times)
+    writer.write_tsv(atoms, writer.story_path(story.name, model, "atoms.tsv"),
+                     {"Description": "Atom time courses (dictionary D, unit-norm columns) on the story's "
+                      "reference grid.", "time": {"Description": "time from the start of the story "
+                      "audio", "Units": "s"}, "DictionaryR2": dic.r2, "Objective": dic.objective,
+                      "Alpha": dic.alpha}, src)
+    writer.write_npz(dic.loadings, writer.story_path(story.name, model, "loadings.npz"),
+                     {"Description": "Sparse loadings A (atoms x neurons), scipy.sparse CSR "
+                      "(scipy.sparse.load_npz)."}, src)
+    writer.write_tsv(loadings_table(dic.loadings, acts.layer, acts.unit),
+                     writer.story_path(story.name, model, "loadings.tsv"),
+                     {"Description": "Non-zero loadings, long format: atom, neuron (column of X), "
+                      "layer, unit within layer, loading."}, src)
+    writer.write_tsv(sub_df, writer.story_path(story.name, model, "subgroups.tsv"),
+                     {"Description": f"AN sub-group of each atom ({cfg.subgroup}): size, signs and "
+                      "histogram over layers."}, src)
+    X = frame_series(story.starts, acts.values, dic.frame_times, hrf=cfg.hrf)
+    writer.write_npy(X.astype(np.float16), writer.story_path(story.name, model, "neurons.npy"),
+                     {"Description": "Neuron frame series X (frames x neurons, z-scored, float16) on "
+                      "the reference grid of atoms.tsv; numpy.load. Columns follow loadings.tsv's "
+                      "neuron index.", "FrameTimes": dic.frame_times.tolist()}, src)
+    writer.write_json(dict(acts.card, dictionary_r2=dic.r2, n_atoms=dic.n_atoms, alpha=dic.alpha,
+                           sparsity=cfg.sparsity, atom_tr=cfg.atom_tr, hrf=cfg.hrf,
+                           dictionary=dic.info), card_path, src)
+
+
+def unmask(values: np.ndarray, mask_img, dtype=np.float32) -> nib.Nifti1Image:
+    """Put mask-ordered voxel values back into the mask's 3D grid (0 outside)."""
+    mask = np.asarray(mask_img.dataobj) > 0
+    out = np.zeros(mask.shape, dtype=dtype)
+    out[mask] = np.nan_to_num(np.asarray(values, dtype=np.float64)).astype(dtype)
+    img = nib.Nifti1Image(out, mask_img.affine)
+    img.header.set_xyzt_units("mm")
+    return img
+
+
+def _common_mask(runs: list[RunInputs]) -> nib.Nifti1Image:
+    """The intersection of the runs' brain masks (they must share a grid)."""
+    first = nib.load(runs[0].mask)
+    mask = np.asarray(first.dataobj) > 0
+    for r in runs:
+        img = nib.load(r.mask)
+        if img.shape[:3] != first.shape[:3] or not np.allclose(img.affine, first.affine, atol=1e-3):
+            raise DataError(f"{r.mask}: brain mask grid differs from {runs[0].mask}; runs of one "
+                            "story must be in the same space and resolution")
+        bold = nib.load(r.bold)
+        if bold.shape[:3] != first.shape[:3]:
+            raise DataError(f"{r.bold}: BOLD grid {bold.shape[:3]} differs from its mask "
+                            f"{r.mask} {first.shape[:3]}")
+        mask &= np.asarray(img.dataobj) > 0
+    if not mask.any():
+        raise DataError(f"{runs[0].mask}: the brain mask is empty")
+    return nib.Nifti1Image(mask.astype(np.uint8), first.affine)
+
+
+def _story_frames(run: RunInputs) -> int:
+    """Frames needed to cover the story: from its onset to the last word's end."""
+    end = run.story_onset + float(np.nanmax(run.story.ends))
+    return int(np.ceil(end / run.tr))

@@ -1,0 +1,93 @@
+"""Fill the participant and group reports from the stages' results.
+
+The report builder (``report/html.py``) and the figures (``report/figures.py``)
+know nothing of the pipeline; this module maps results to sections.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from ..config import Config
+from ..records import RunInputs
+from ..report import figures as fig
+
+
+def participant_inputs_section(report, summary: pd.DataFrame, runs: list[RunInputs]) -> None:
+    sec = report.add_section("Inputs found", anchor="inputs")
+    sec.text(f"{len(runs)} BOLD run(s) with fMRIPrep derivatives, confounds and word timing.")
+    timeline = summary.assign(
+        run=[r.bold.name.split("_space-")[0] for r in runs],
+        story_start=[r.story_onset + float(np.nanmin(r.story.starts)) for r in runs],
+        story_end=[r.story_onset + float(np.nanmax(r.story.ends)) for r in runs])
+    sec.figure(fig.runs_timeline(timeline), "Each run's scan (grey) and the span of the story in it "
+               "(coloured), with its frames and words.")
+    sec.table(summary, caption="Per-run summary (also written as *_desc-runs_summary.tsv).")
+    unaligned = sum(r.story.n_unaligned for r in runs)
+    if unaligned:
+        sec.note(f"{unaligned} word(s) had no aligner time; their onsets were interpolated "
+                 "between their neighbours.", kind="info")
+
+
+def participant_story_sections(report, result, cfg: Config, writer) -> None:
+    story, acts, dic, enc = result.story, result.activations, result.dictionary, result.encoding
+    card = acts.card
+    sec = report.add_section(f"Model on '{story.name}'", anchor=f"model-{story.name}")
+    sec.keyvalues({k: card.get(k) for k in ("model", "model_class", "family", "site", "n_neurons",
+                                            "n_tokens", "n_words", "n_windows", "window_tokens",
+                                            "context_tokens", "seconds", "tokens_per_s", "device",
+                                            "dtype") if k in card})
+    from ..signal.frames import frame_series
+
+    rng = np.random.default_rng(0)
+    cols = np.sort(rng.choice(acts.values.shape[1], size=min(4, acts.values.shape[1]), replace=False))
+    X = frame_series(story.starts, acts.values[:, cols], dic.frame_times, hrf=cfg.hrf)
+    sec.figure(fig.neuron_timecourses(dic.frame_times, X, story.starts,
+                                      [f"L{acts.layer[c]}:u{acts.unit[c]}" for c in cols]),
+               "Four artificial neurons' responses (HRF-convolved, z-scored) against the word onsets "
+               "(rug), in time from the start of the story audio.")
+
+    sec = report.add_section(f"Atoms of '{story.name}'", anchor=f"atoms-{story.name}")
+    sec.keyvalues({"atoms": dic.n_atoms, "dictionary R²": round(dic.r2, 3), "alpha": dic.alpha,
+                   "neurons": acts.values.shape[1]})
+    sec.figure(fig.atoms_figure(dic.frame_times, dic.atoms),
+               "The first atoms' time courses (left) and the correlation between all atoms (right).")
+    sec.figure(fig.subgroup_layers_figure(result.subgroups),
+               "Each atom's neuron sub-group: how many of its neurons lie in each layer.")
+
+    sec = report.add_section(f"Encoding of '{story.name}'", anchor=f"encoding-{story.name}")
+    n_sig = int(enc.significant.sum())
+    sec.keyvalues({"voxels": enc.cv_r.size, "median CV r": round(float(np.nanmedian(enc.cv_r)), 3),
+                   "max CV r": round(float(np.nanmax(enc.cv_r)), 3),
+                   f"significant (FDR {cfg.fdr_alpha})": n_sig,
+                   "max in-sample R²": round(float(np.nanmax(enc.in_sample_r2)), 3)})
+    sec.figure(fig.cv_r_histogram(enc.cv_r, enc.significant),
+               "Cross-validated prediction accuracy over voxels; significant voxels highlighted.")
+    from .participant import unmask
+
+    sec.figure(fig.glass_brain(unmask(np.where(enc.significant, enc.cv_r, 0), result.mask_img),
+                               "CV r (FDR-significant voxels)", threshold=1e-6),
+               "Best-predicted voxels: cross-validated r where it is significant.")
+    strongest = np.argsort(-np.nanmax(np.abs(enc.z), axis=1))[:2]
+    for k in strongest:
+        sec.figure(fig.glass_brain(unmask(enc.z[k], result.mask_img), f"atom{k:02d} z",
+                                   threshold=cfg.map_threshold),
+                   f"z map of atom {k} (one of the two strongest), thresholded at ±{cfg.map_threshold}.")
+
+    for atlas_name, corr in result.correspondence.items():
+        summary, per_network = result.metrics[atlas_name]
+        sec = report.add_section(f"Networks ({atlas_name}) for '{story.name}'",
+                                 anchor=f"networks-{atlas_name}-{story.name}")
+        sec.figure(fig.correspondence_heatmap(corr.rename(columns={"sign": "direction"})),
+                   "Dice overlap of each atom's thresholded map with each network: red activation, "
+                   "blue deactivation; dots mark FDR-significant links.")
+        sec.figure(fig.network_involvement_bars(per_network),
+                   "Number of atoms that activate (up) and deactivate (down) each network: fewer "
+                   "is more compact.")
+        links = corr[corr["linked"]]
+        if len(links):
+            sec.table(links[["atom", "network", "sign", "dice", "p", "q"]], caption="Links")
+        else:
+            sec.note("No atom's map overlaps a network beyond the spatial null.", kind="info")
+        sec.keyvalues({k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
