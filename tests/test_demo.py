@@ -325,7 +325,12 @@ def test_model_atoms_plant(tmp_path):
     from bids_llm_encode.config import Config
     from bids_llm_encode.workflows.stimulus import run_design, story_dictionary
 
-    root = gen.generate_demo(tmp_path / "ma", plant="model-atoms", n_subjects=2, seed=0)
+    # BIDS_LLM_ENCODE_DEMO_SPARSITY overrides the dictionary sparsity (both in the plant and below)
+    options = {}
+    if os.environ.get("BIDS_LLM_ENCODE_DEMO_SPARSITY"):
+        options["sparsity"] = float(os.environ["BIDS_LLM_ENCODE_DEMO_SPARSITY"])
+    root = gen.generate_demo(tmp_path / "ma", plant="model-atoms", n_subjects=2, seed=0,
+                             model_options=options)
     t = _truth(root)
     assert t["plant"]["kind"] == "model-atoms" and t["plant"]["model"] == "smollm2-135m"
     idx = {k: v["atom_index"] for k, v in t["plant"]["signals"].items()}
@@ -334,10 +339,15 @@ def test_model_atoms_plant(tmp_path):
     # the pipeline, run the way the participant workflow runs it, gives the same atoms
     from bids_llm_encode.bids.inputs import find_runs
 
-    cfg = Config(bids_dir=root, output_dir=tmp_path / "out", analysis_level="participant")
+    cfg = Config(bids_dir=root, output_dir=tmp_path / "out", analysis_level="participant", **options)
+    assert t["plant"]["settings"]["sparsity"] == cfg.sparsity and t["plant"]["settings"]["model"] == cfg.model
     run = find_runs(cfg)[0]
     acts, dictionary = story_dictionary(run.story, cfg, Cache(os.environ["BIDS_LLM_ENCODE_CACHE"]))
     design = run_design(run.frame_times - run.story_onset, run.story, acts, dictionary, cfg)
     sig = pd.read_csv(root / t["runs"][0]["signals_tsv"], sep="\t")
     for name, k in idx.items():
         assert np.corrcoef(design[:, k], sig[name])[0, 1] > 0.999
+    # the chosen atoms are distinct
+    chosen = design[:, sorted(idx.values())]
+    r = np.corrcoef(chosen.T)
+    assert np.max(np.abs(r - np.eye(len(r)))) < 0.5
