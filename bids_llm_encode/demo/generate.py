@@ -21,7 +21,6 @@ temporary name beside ``DIR`` and renamed into place at the end.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import logging
 import os
@@ -434,7 +433,8 @@ def confounds_table(bold: np.ndarray, grid: Grid, motion: np.ndarray, tr: float)
     dmot = np.diff(motion, axis=0)
     fd = np.abs(dmot[:, :3]).sum(axis=1) + 50.0 * np.abs(dmot[:, 3:]).sum(axis=1)
     cols["framewise_displacement"] = np.r_[np.nan, fd]
-    cols["rmsd"] = np.r_[np.nan, np.sqrt(np.mean(dmot[:, :3] ** 2, axis=1) + (50 * dmot[:, 3:]) .mean(axis=1) ** 2)]
+    # root-mean-square displacement between frames, rotations taken as arcs on a 50 mm sphere
+    cols["rmsd"] = np.r_[np.nan, np.sqrt(np.mean(np.hstack([dmot[:, :3], 50.0 * dmot[:, 3:]]) ** 2, axis=1))]
     for j, name in enumerate(names):
         d = np.r_[np.nan, np.diff(motion[:, j])]
         cols[name] = motion[:, j]
@@ -464,8 +464,6 @@ def confounds_table(bold: np.ndarray, grid: Grid, motion: np.ndarray, tr: float)
         col = np.zeros(n)
         col[k] = 1.0
         cols[f"non_steady_state_outlier{k:02d}"] = col
-    for name in ("trans_x", "rot_x"):
-        meta[name] = {"Method": "demo", "Description": "synthetic head motion (mm / rad)"}
     return pd.DataFrame(cols), meta
 
 
