@@ -24,7 +24,7 @@ from ..bids.outputs import DerivativesWriter
 from ..cache import Cache, default_cache_dir
 from ..config import Config
 from ..errors import MissingInputError, NoMatchError
-from .participant import atom_names, label, model_label, unmask
+from .participant import ParticipantFiles, label, model_label, unmask
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def _participant_stories(writer: DerivativesWriter, config: Config) -> dict[str,
         sub = folder.name[4:]
         if wanted and sub not in wanted:
             continue
-        summary = writer.path({"sub": sub, "desc": "runs"}, "summary", ".tsv")
+        summary = ParticipantFiles(writer, config.space).summary(sub)
         if not summary.exists():
             log.warning("sub-%s: no run summary (%s); skipped", sub, summary.name)
             continue
@@ -86,9 +86,10 @@ class GroupStory:
     def __init__(self, story, entities, config, cache, writer, report):
         self.story, self.entities, self.config = story, entities, config
         self.cache, self.writer, self.report = cache, writer, report
+        self.files = ParticipantFiles(writer, config.space)
 
-    def _map(self, ent: dict, **extra) -> Path:
-        return self.writer.path(dict(ent, space=self.config.space, **extra), "statmap", ".nii.gz")
+    def _map(self, ent: dict, desc: str, stat: str) -> Path:
+        return self.files.statmap(ent, desc, stat)
 
     def run(self) -> dict:
         from nilearn.glm.second_level import SecondLevelModel
@@ -116,11 +117,11 @@ class GroupStory:
             log.warning("story %s: no atom maps for sub-%s; skipped", story, ", sub-".join(missing))
         if not ents:
             raise MissingInputError(f"story {story}: no participant has atom maps in {writer.output_dir}")
-        masks = [nib.load(writer.path(dict(e, desc="cvfdr"), "mask", ".nii.gz")) for e in ents]
+        masks = [nib.load(self.files.fdr_mask(e)) for e in ents]
         brain = self._group_mask(ents)
         mask = np.asarray(brain.dataobj) > 0
         n = len(ents)
-        sources = [self._map(e, desc=a.replace("-", ""), stat="effect") for e in ents for a in names[:1]]
+        sources = [self._map(e, desc=names[0], stat="effect") for e in ents]
 
         # One-sample maps per atom, over participants.
         group_z = np.zeros((len(names), int(mask.sum())), dtype=np.float32)
@@ -149,7 +150,7 @@ class GroupStory:
         writer.write_nifti(unmask(sig_frac, brain), writer.group_path(
             f"task-{label(story)}_space-{cfg.space}_desc-cvfdr_stat-fraction_statmap.nii.gz", story),
             {"Description": "Fraction of participants whose CV r is FDR-significant in each voxel."},
-            [writer.path(dict(e, desc="cvfdr"), "mask", ".nii.gz") for e in ents])
+            [self.files.fdr_mask(e) for e in ents])
 
         sec = self.report.add_section(f"Story '{story}'", anchor=f"story-{story}")
         sec.keyvalues({"participants": n, "atoms": len(names), "dictionary R²": card.get("dictionary_r2"),
@@ -167,14 +168,14 @@ class GroupStory:
             links = links_table(corr)
             tables = []
             for e in ents:
-                f = writer.path(dict(e, desc=desc), "overlap", ".tsv")
+                f = self.files.table(e, atlas.name, "overlap")
                 if f.exists():
                     tables.append(pd.read_csv(f, sep="\t"))
             agreement = link_agreement(tables) if tables else pd.DataFrame()
             if len(agreement):
                 agreement = agreement.merge(corr[["atom", "network", "sign", "linked"]].rename(
                     columns={"linked": "group_linked"}), on=["atom", "network", "sign"], how="left")
-                agreement["participant_map_dice"] = [self._participant_dice(ents, a, s, pairwise_dice)
+                agreement["participant_map_dice"] = [self._participant_dice(ents, names[int(a)], s, pairwise_dice)
                                                      for a, s in zip(agreement["atom"], agreement["sign"])]
             summary, per_network = organization_metrics(corr, atoms, sub_df, float(card["dictionary_r2"]),
                                                         mean_r2)
@@ -190,7 +191,7 @@ class GroupStory:
                              {"Description": "Per atom x network x sign: how many participants show the "
                               "link, and how alike their thresholded maps are (mean pairwise Dice).",
                               **meta}, sources)
-            writer.write_tsv(per_network, writer.group_path(f"{base}_metrics.tsv", story),
+            writer.write_tsv(per_network, writer.group_path(f"{base}_networks.tsv", story),
                              {"Description": "Organization metrics per network (group links).", **meta},
                              sources)
             writer.write_json(summary, writer.group_path(f"{base}_metrics.json", story), sources)

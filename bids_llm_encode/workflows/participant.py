@@ -92,6 +92,7 @@ class Participant:
     def __init__(self, subject: str, runs: list[RunInputs], config: Config, cache: Cache,
                  writer: DerivativesWriter):
         self.subject, self.runs, self.config, self.cache, self.writer = subject, runs, config, cache, writer
+        self.files = ParticipantFiles(writer, config.space)
 
     def run(self) -> None:
         from ..report.html import Report
@@ -119,7 +120,7 @@ class Participant:
     def write_summary(self) -> pd.DataFrame:
         rows = [run_summary(r) for r in self.runs]
         df = pd.DataFrame(rows)
-        path = self.writer.path({"sub": self.subject, "desc": "runs"}, "summary", ".tsv", datatype="func")
+        path = self.files.summary(self.subject)
         self.writer.write_tsv(df, path, {
             "Description": "One row per BOLD run found: timing, frames, words and the story span.",
             "tr": {"Description": "repetition time", "Units": "s"},
@@ -149,7 +150,6 @@ class Participant:
         mask_img = _common_mask(runs)
         mask = np.asarray(mask_img.dataobj) > 0
         ent = {k: v for k, v in runs[0].entities.items() if k != "run"}
-        ent_space = dict(ent, space=cfg.space)
         data = []
         for r in runs:
             img = nib.load(r.bold)
@@ -157,7 +157,7 @@ class Participant:
             conf, sample_mask = load_confounds(r.bold, r.confounds, cfg.confounds_strategy, cfg.scrub)
             design = stimulus.run_design(r.frame_times - r.story_onset, story, acts, dic, cfg)
             writer.write_tsv(pd.DataFrame(design, columns=atom_names(dic.n_atoms)),
-                             writer.path(dict(r.entities, desc="atoms"), "design", ".tsv"),
+                             self.files.design(r.entities),
                              {"Description": "Regressors of the encoding model: the atoms' time courses "
                               "at this run's frames (least-squares projection of the run's neuron "
                               "series on the story's fixed loadings), before confound regression.",
@@ -170,13 +170,13 @@ class Participant:
                            fdr_alpha=cfg.fdr_alpha, seed=cfg.seed,
                            backend="torch_cuda" if stimulus.torch_device(cfg.device) == "cuda" else "numpy")
         sources = [r.bold for r in runs] + [r.mask for r in runs] + [r.confounds for r in runs]
-        self.write_encoding_maps(enc, mask_img, ent_space, sources)
+        self.write_encoding_maps(enc, mask_img, ent, sources)
 
         corr, metrics = {}, {}
         for atlas in self.atlases(mask_img):
             corr[atlas.name], metrics[atlas.name] = self.networks(atlas, enc, dic, sub_df, mask_img,
-                                                                  ent_space, sources)
-        return StoryResult(story, runs, acts, dic, enc, mask_img, ent_space, corr, metrics, sub_df)
+                                                                  ent, sources)
+        return StoryResult(story, runs, acts, dic, enc, mask_img, ent, corr, metrics, sub_df)
 
     def write_encoding_maps(self, enc: EncodingResult, mask_img, ent: dict, sources) -> None:
         writer, cfg = self.writer, self.config
@@ -188,8 +188,7 @@ class Participant:
                                        ("variance", enc.variance[k], "variance of the effect"),
                                        ("z", enc.z[k], "z statistic of the effect (AR(1) errors)")):
                 writer.write_nifti(unmask(values, mask_img),
-                                   writer.path(dict(ent, desc=name.replace("-", ""), stat=stat),
-                                               "statmap", ".nii.gz"),
+                                   self.files.statmap(ent, name, stat),
                                    {"Description": f"Atom {k}: {what}.", "Atom": k, "Statistic": stat,
                                     "Model": cfg.model, **info}, sources)
         voxel_maps = [
@@ -205,10 +204,10 @@ class Participant:
                                "repeated presentations of the story (Spearman-Brown corrected)."))
         for desc, stat, values, text in voxel_maps:
             writer.write_nifti(unmask(values, mask_img),
-                               writer.path(dict(ent, desc=desc, stat=stat), "statmap", ".nii.gz"),
+                               self.files.statmap(ent, desc, stat),
                                {"Description": text, **info}, sources)
         writer.write_nifti(unmask(enc.significant.astype(np.uint8), mask_img, dtype=np.uint8),
-                           writer.path(dict(ent, desc="cvfdr"), "mask", ".nii.gz"),
+                           self.files.fdr_mask(ent),
                            {"Description": f"Voxels whose CV r is significant at FDR "
                             f"{cfg.fdr_alpha} (Benjamini-Hochberg over the mask)."}, sources)
 
@@ -229,27 +228,52 @@ class Participant:
         desc = label(atlas.name)
         atlas_meta = {"Atlas": atlas.name, "MapThreshold": cfg.map_threshold,
                       "SpatialNulls": cfg.n_spatial_null, "FDRAlpha": cfg.fdr_alpha}
-        ent_noise = {k: v for k, v in ent.items() if k != "space"}
-        writer.write_tsv(corr, writer.path(dict(ent_noise, desc=desc), "overlap", ".tsv"),
+        writer.write_tsv(corr, self.files.table(ent, atlas.name, "overlap"),
                          {"Description": "Overlap of each atom's thresholded z map (activation: z > "
                           "threshold; deactivation: z < -threshold) with each network.", **atlas_meta},
                          sources)
         links = links_table(corr)
-        writer.write_tsv(links, writer.path(dict(ent_noise, desc=desc), "links", ".tsv"),
+        writer.write_tsv(links, self.files.table(ent, atlas.name, "links"),
                          {"Description": "Atom -> network links (FDR-significant overlaps), and so "
                           "AN sub-group -> network.", **atlas_meta}, sources)
         summary, per_network = organization_metrics(corr, dic.atoms, sub_df, dic.r2, enc.cv_r2)
-        writer.write_tsv(per_network, writer.path(dict(ent_noise, desc=desc), "metrics", ".tsv"),
+        writer.write_tsv(per_network, self.files.table(ent, atlas.name, "networks"),
                          {"Description": "Organization metrics per network (method.md section 6).",
                           **atlas_meta}, sources)
         writer.write_json(dict(summary, atlas=atlas.name, model=self.config.model),
-                          writer.path(dict(ent_noise, desc=desc), "metrics", ".json"), sources)
+                          self.files.table(ent, atlas.name, "metrics", ".json"), sources)
         log.info("sub-%s %s: %d atom -> network link(s)", self.subject, atlas.name, len(links))
         return corr, (summary, per_network)
 
 
 def atom_names(n_atoms: int) -> list[str]:
     return [f"atom{k:02d}" for k in range(n_atoms)]
+
+
+class ParticipantFiles:
+    """Which entities each participant-level output carries (the writer composes the names).
+
+    ``ent`` is a story's entities without space (sub, ses, task); maps add the space.
+    The group level reads through the same methods.
+    """
+
+    def __init__(self, writer: DerivativesWriter, space: str):
+        self.writer, self.space = writer, space
+
+    def summary(self, subject: str) -> Path:
+        return self.writer.path({"sub": subject, "desc": "runs"}, "summary", ".tsv")
+
+    def design(self, run_entities: dict) -> Path:
+        return self.writer.path(dict(run_entities, desc="atoms"), "design", ".tsv")
+
+    def statmap(self, ent: dict, desc: str, stat: str) -> Path:
+        return self.writer.path(dict(ent, space=self.space, desc=desc, stat=stat), "statmap", ".nii.gz")
+
+    def fdr_mask(self, ent: dict) -> Path:
+        return self.writer.path(dict(ent, space=self.space, desc="cvfdr"), "mask", ".nii.gz")
+
+    def table(self, ent: dict, atlas: str, suffix: str, extension: str = ".tsv") -> Path:
+        return self.writer.path(dict(ent, desc=label(atlas)), suffix, extension)
 
 
 def write_stimulus_outputs(writer: DerivativesWriter, story: Story, acts: WordActivations,
