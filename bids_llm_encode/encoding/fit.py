@@ -4,7 +4,7 @@ One call of :func:`fit_encoding` handles one participant and one story (one or
 more runs). For every mask voxel it gives
 
 - per atom, an effect, its variance and a z value: OLS with an AR(1) error model
-  (``nilearn.glm.first_level.run_glm(noise_model="ar1")``) per run, runs
+  (nilearn ``run_glm``'s "ar1" model, vectorized here) per run, runs
   combined by fixed effects (inverse-variance weighting);
 - in-sample R^2 of the OLS fit (runs stacked, per-run intercepts): the paper's number;
 - cross-validated prediction accuracy of ridge (himalaya): ``cv_r``, the mean
@@ -47,7 +47,6 @@ import pandas as pd
 from himalaya.backend import get_backend, set_backend
 from himalaya.ridge import solve_ridge_cv_svd
 from nilearn import signal
-from nilearn.glm.first_level import run_glm
 
 from ..errors import DataError, UsageError
 from ..records import EncodingResult
@@ -213,20 +212,45 @@ def _outer_inner_folds(lengths: list[int], cv_folds: int, gap: int, inner_folds:
 
 
 def _glm_run(Y: np.ndarray, D: np.ndarray, n_conf: int, noise_model: str):
-    """Effects, variances and df of the atoms in one run. Y (n, v) float64, D (n, K)."""
+    """Effects, variances and df of the atoms in one run. Y (n, v) float64, D (n, K).
+
+    The same model as ``nilearn.glm.first_level.run_glm(noise_model="ar1")`` (OLS,
+    lag-1 autocorrelation of the residuals per voxel truncated to 0.01 bins,
+    whitened refit per bin), written out so that it is vectorized over voxels:
+    ``run_glm`` keeps whitened copies of the data per bin and was too slow at
+    whole-brain scale. ``noise_model="ols"`` skips the whitening.
+    """
     n, K = D.shape
     X = np.column_stack([D, np.ones(n)])
-    labels, results = run_glm(Y, X, noise_model=noise_model)
+    p = X.shape[1]
+    df = n - p - n_conf  # the confounds were regressed out before: they cost degrees of freedom
     v = Y.shape[1]
     eff = np.zeros((K, v))
     var = np.zeros((K, v))
-    p = X.shape[1]
-    df = n - p - n_conf
-    scale = (n - p) / df  # the confounds were regressed out before: they cost degrees of freedom
-    for lab, res in results.items():
-        sel = labels == lab
-        eff[:, sel] = res.theta[:K]
-        var[:, sel] = np.diag(res.cov)[:K, None] * np.asarray(res.dispersion)[None] * scale
+    pinv = np.linalg.pinv(X)
+    B = pinv @ Y
+    R = Y - X @ B
+    if noise_model == "ols":
+        eff[:] = B[:K]
+        var[:] = np.diag(pinv @ pinv.T)[:K, None] * ((R**2).sum(0) / df)[None]
+        return eff, var, df
+    if noise_model != "ar1":
+        raise UsageError(f"noise_model must be 'ar1' or 'ols', got {noise_model!r}")
+    rho = (R[1:] * R[:-1]).sum(0) / np.maximum((R * R).sum(0), 1e-30)
+    rho = np.trunc(rho * 100) / 100  # nilearn's binning
+    for r in np.unique(rho):
+        sel = rho == r
+        Xw = X.copy()
+        Xw[1:] -= r * X[:-1]
+        Xw[0] *= np.sqrt(max(1 - r * r, 1e-6))
+        Yw = Y[:, sel].copy()
+        Yw[1:] -= r * Y[:-1, sel]
+        Yw[0] *= np.sqrt(max(1 - r * r, 1e-6))
+        pw = np.linalg.pinv(Xw)
+        th = pw @ Yw
+        disp = ((Yw - Xw @ th) ** 2).sum(0) / df
+        eff[:, sel] = th[:K]
+        var[:, sel] = np.diag(pw @ pw.T)[:K, None] * disp[None]
     return eff, var, df
 
 
