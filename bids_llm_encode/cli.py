@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--n-spatial-null", type=int, default=None)
 
     gr = p.add_argument_group("group level")
+    gr.add_argument("--group-model", choices=["random", "fixed"], default=None,
+                    help="group atom maps: random = one-sample test over participants (nilearn "
+                    "SecondLevelModel; needs enough participants), fixed = Stouffer's z of the "
+                    "participants' z maps (inference about these participants only)")
     gr.add_argument("--compare", type=Path, nargs="+", default=None,
                     help="other output folders (made with other models) to compare side by side")
     return p

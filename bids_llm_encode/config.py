@@ -64,6 +64,7 @@ class Config:
     map_threshold: float = 3.1
     n_spatial_null: Optional[int] = None  # None: every valid shift of the map (finest p-values)
     # group (section 7)
+    group_model: str = "random"  # random: one-sample t over participants; fixed: Stouffer z
     compare: list[Path] = field(default_factory=list)
 
     PATH_FIELDS = ("bids_dir", "output_dir", "bids_filter_file", "derivatives", "work_dir",

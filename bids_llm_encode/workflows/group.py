@@ -123,25 +123,38 @@ class GroupStory:
         n = len(ents)
         sources = [self._map(e, desc=names[0], stat="effect") for e in ents]
 
-        # One-sample maps per atom, over participants.
+        z_by_atom = [np.stack([np.asarray(nib.load(self._map(e, desc=name, stat="z")).dataobj)[mask]
+                               for e in ents]) for name in names]  # atoms x (participants, voxels)
+
+        # Group maps per atom: random effects (one-sample over participants) or fixed effects.
         group_z = np.zeros((len(names), int(mask.sum())), dtype=np.float32)
         design = pd.DataFrame({"intercept": np.ones(n)})
+        random_fx = cfg.group_model == "random" and n >= 2
+        if cfg.group_model == "random" and n < 3:
+            log.warning("story %s: %d participant(s): a random-effects test has %d degree(s) of "
+                        "freedom; consider --group-model fixed", story, n, max(n - 1, 0))
         for k, name in enumerate(names):
-            imgs = [str(self._map(e, desc=name, stat="effect")) for e in ents]
-            if n >= 2:
-                slm = SecondLevelModel(mask_img=brain, smoothing_fwhm=None).fit(imgs, design_matrix=design)
+            effects = [self._map(e, desc=name, stat="effect") for e in ents]
+            if random_fx:
+                slm = SecondLevelModel(mask_img=brain, smoothing_fwhm=None).fit(
+                    [str(f) for f in effects], design_matrix=design)
                 maps = slm.compute_contrast("intercept", output_type="all")
                 z_img, eff_img = maps["z_score"], maps["effect_size"]
+                how = (f"one-sample test over {n} participants (nilearn SecondLevelModel, "
+                       "intercept): random effects")
             else:
-                z_img = nib.load(str(self._map(ents[0], desc=name, stat="z")))
-                eff_img = nib.load(imgs[0])
+                zs = z_by_atom[k]
+                effs = np.stack([np.asarray(nib.load(f).dataobj)[mask] for f in effects])
+                z_img = unmask(zs.sum(0) / np.sqrt(n), brain)
+                eff_img = unmask(effs.mean(0), brain)
+                how = (f"Stouffer's z over {n} participants' z maps (sum / sqrt(n)) and the mean "
+                       "effect: fixed effects, inference about these participants only")
             group_z[k] = np.asarray(z_img.dataobj)[mask]
             for stat, img in (("z", z_img), ("effect", eff_img)):
                 writer.write_nifti(img, writer.group_path(
                     f"task-{label(story)}_space-{cfg.space}_desc-{name}_stat-{stat}_statmap.nii.gz", story),
-                    {"Description": f"Group {'one-sample ' if n >= 2 else ''}{stat} map of atom {k} over "
-                     f"{n} participant(s) (nilearn SecondLevelModel, intercept).", "Participants":
-                     [e["sub"] for e in ents]}, [self._map(e, desc=name, stat="effect") for e in ents])
+                    {"Description": f"Group {stat} map of atom {k}: {how}.", "GroupModel":
+                     cfg.group_model, "Participants": [e["sub"] for e in ents]}, effects)
 
         cv_r2 = np.stack([np.asarray(nib.load(self._map(e, desc="cv", stat="rsquared")).dataobj)[mask]
                           for e in ents])
@@ -175,8 +188,10 @@ class GroupStory:
             if len(agreement):
                 agreement = agreement.merge(corr[["atom", "network", "sign", "linked"]].rename(
                     columns={"linked": "group_linked"}), on=["atom", "network", "sign"], how="left")
-                agreement["participant_map_dice"] = [self._participant_dice(ents, names[int(a)], s, pairwise_dice)
-                                                     for a, s in zip(agreement["atom"], agreement["sign"])]
+                dice_of = {(a, s): self._participant_dice(z_by_atom[int(a)], s, pairwise_dice)
+                           for a, s in set(zip(agreement["atom"], agreement["sign"]))}
+                agreement["participant_map_dice"] = [dice_of[a, s] for a, s in
+                                                     zip(agreement["atom"], agreement["sign"])]
             summary, per_network = organization_metrics(corr, atoms, sub_df, float(card["dictionary_r2"]),
                                                         mean_r2)
             summary = dict(summary, atlas=atlas.name, model=cfg.model, story=story, participants=n)
@@ -221,15 +236,10 @@ class GroupStory:
         inside = np.all([np.asarray(m.dataobj) != 0 for m in masks], axis=0)
         return nib.Nifti1Image(inside.astype(np.uint8), masks[0].affine)
 
-    def _participant_dice(self, ents, atom: str, sign: str, pairwise_dice) -> float:
-        brain = self._group_mask(ents)
-        mask = np.asarray(brain.dataobj) > 0
+    def _participant_dice(self, z: np.ndarray, sign: str, pairwise_dice) -> float:
+        """Mean pairwise Dice of the participants' thresholded maps (z: participants x voxels)."""
         t = self.config.map_threshold
-        maps = []
-        for e in ents:
-            z = np.asarray(nib.load(self._map(e, desc=atom, stat="z")).dataobj)[mask]
-            maps.append(z > t if sign == "activation" else z < -t)
-        return pairwise_dice(np.array(maps))
+        return pairwise_dice(z > t if sign == "activation" else z < -t)
 
 
 def compare_models(config: Config, writer: DerivativesWriter, report, own: dict):
