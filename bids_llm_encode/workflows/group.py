@@ -215,15 +215,12 @@ class GroupStory:
 
             sec = self.report.add_section(f"Networks ({atlas.name}), '{story}'",
                                           anchor=f"networks-{desc}-{story}")
-            sec.figure(fig.correspondence_heatmap(corr.rename(columns={"sign": "direction"})),
-                       "Dice of each group atom map (thresholded) with each network; dots mark "
-                       "FDR-significant links.")
-            sec.figure(fig.network_involvement_bars(per_network),
-                       "Atoms that activate (up) / deactivate (down) each network at the group level.")
+            sec.figure(fig.correspondence_heatmap(corr), "Group atom maps. "
+                       + fig.CAPTIONS["correspondence_heatmap"])
+            sec.figure(fig.network_involvement_bars(per_network), "Group links. "
+                       + fig.CAPTIONS["network_involvement_bars"])
             if len(agreement):
-                sec.figure(fig.group_agreement_figure(agreement.rename(
-                    columns={"sign": "direction", "fraction_linked": "fraction"})),
-                    "How many participants show each link on their own.")
+                sec.figure(fig.group_agreement_figure(agreement), fig.CAPTIONS["group_agreement_figure"])
             if len(links):
                 sec.table(links, caption="Group links")
             else:

@@ -79,12 +79,8 @@ def participant_story_sections(report, result, cfg: Config, writer) -> None:
         summary, per_network = result.metrics[atlas_name]
         sec = report.add_section(f"Networks ({atlas_name}) for '{story.name}'",
                                  anchor=f"networks-{atlas_name}-{story.name}")
-        sec.figure(fig.correspondence_heatmap(corr.rename(columns={"sign": "direction"})),
-                   "Dice overlap of each atom's thresholded map with each network: red activation, "
-                   "blue deactivation; dots mark FDR-significant links.")
-        sec.figure(fig.network_involvement_bars(per_network),
-                   "Number of atoms that activate (up) and deactivate (down) each network: fewer "
-                   "is more compact.")
+        sec.figure(fig.correspondence_heatmap(corr), fig.CAPTIONS["correspondence_heatmap"])
+        sec.figure(fig.network_involvement_bars(per_network), fig.CAPTIONS["network_involvement_bars"])
         links = corr[corr["linked"]]
         if len(links):
             sec.table(links[["atom", "network", "sign", "dice", "p", "q"]], caption="Links")
