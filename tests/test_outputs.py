@@ -425,3 +425,14 @@ def test_run_inputs_entities_name_outputs(writer, raw):
     assert p.relative_to(writer.output_dir).as_posix() == (
         "sub-001/ses-1/func/sub-001_ses-1_task-pieman_run-3_space-MNI152NLin2009cAsym_desc-atom07_stat-effect"
         "_statmap.nii.gz")
+
+
+def test_no_container_claim_without_the_apps_image(monkeypatch):
+    """Another container (/.dockerenv, SINGULARITY_CONTAINER) is not this app's image."""
+    from bids_llm_encode.bids.outputs import detect_container
+
+    monkeypatch.delenv("BIDS_LLM_ENCODE_CONTAINER", raising=False)
+    monkeypatch.setenv("SINGULARITY_CONTAINER", "/some/other.sif")
+    assert detect_container() is None
+    monkeypatch.setenv("BIDS_LLM_ENCODE_CONTAINER", "singularity:bids_llm_encode")
+    assert detect_container() == {"Type": "singularity", "Tag": "bids_llm_encode"}

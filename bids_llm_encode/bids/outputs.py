@@ -199,7 +199,12 @@ def _normalise_doi(doi: str) -> str:
 
 
 def detect_container() -> Optional[dict]:
-    """The ``Container`` object of ``GeneratedBy`` when running in a container, else None.
+    """The ``Container`` object of ``GeneratedBy`` when running in this app's image, else None.
+
+    Only ``$BIDS_LLM_ENCODE_CONTAINER`` (``docker[:tag]`` or ``singularity[:tag]``,
+    set by the project's Dockerfile and singularity.def) counts: ``/.dockerenv``
+    or ``$SINGULARITY_CONTAINER`` only say that *some* container runs, which may
+    hold a pip-installed copy, so the record would name an image that was not used.
 
     Returns
     -------
@@ -213,11 +218,6 @@ def detect_container() -> Optional[dict]:
         if tag:
             out["Tag"] = tag
         return out
-    sing = os.environ.get("SINGULARITY_CONTAINER") or os.environ.get("APPTAINER_CONTAINER")
-    if sing:
-        return {"Type": "singularity", "Tag": os.path.basename(sing)}
-    if os.path.exists("/.dockerenv"):
-        return {"Type": "docker", "Tag": f"{PIPELINE_NAME}:{__version__}"}
     return None
 
 
