@@ -40,6 +40,15 @@ def default_cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "bids_llm_encode"
 
 
+def cache_root(config) -> Path:
+    """The run's cache: ``--cache-dir``, else ``<--work-dir>/cache``, else :func:`default_cache_dir`."""
+    if config.cache_dir is not None:
+        return Path(config.cache_dir)
+    if config.work_dir is not None:
+        return Path(config.work_dir) / "cache"
+    return default_cache_dir()
+
+
 def digest(*parts: Any) -> str:
     """Stable SHA-256 hex digest of JSON-serialisable parts (plus this package's version)."""
     h = hashlib.sha256()

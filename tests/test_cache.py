@@ -72,3 +72,16 @@ def test_atomic_write_bytes(tmp_path):
     atomic_write_bytes(p, b"abc")
     assert p.read_bytes() == b"abc"
     assert [x.name for x in p.parent.iterdir()] == ["f.bin"]
+
+
+def test_cache_root_precedence(tmp_path, monkeypatch):
+    from bids_llm_encode.cache import cache_root
+    from bids_llm_encode.config import Config
+
+    monkeypatch.setenv("BIDS_LLM_ENCODE_CACHE", str(tmp_path / "env"))
+    cfg = Config(bids_dir=tmp_path, output_dir=tmp_path / "o", analysis_level="participant")
+    assert cache_root(cfg) == tmp_path / "env"
+    cfg.work_dir = tmp_path / "work"
+    assert cache_root(cfg) == tmp_path / "work" / "cache"
+    cfg.cache_dir = tmp_path / "explicit"
+    assert cache_root(cfg) == tmp_path / "explicit"

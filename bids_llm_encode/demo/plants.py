@@ -315,10 +315,10 @@ class ModelAtomsPlant:
             raise UsageError("the model-atoms plant needs bids_llm_encode.workflows.stimulus "
                              f"(story_dictionary, run_design), which cannot be imported: {exc}. "
                              "Use --plant word-features.") from exc
-        from ..cache import Cache, default_cache_dir
+        from ..cache import Cache, cache_root
 
         cfg = self._config(work_dir)
-        cache = Cache(cfg.cache_dir or default_cache_dir())
+        cache = Cache(cache_root(cfg))
         log.info("model-atoms plant: computing the %s dictionary of story %r (K=%d)",
                  cfg.model, story.name, cfg.n_atoms)
         activations, dictionary = story_dictionary(story, cfg, cache)

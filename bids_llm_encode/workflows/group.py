@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from ..bids.outputs import DerivativesWriter
-from ..cache import Cache, default_cache_dir
+from ..cache import Cache, cache_root
 from ..config import Config
 from ..errors import MissingInputError, NoMatchError
 from .participant import ParticipantFiles, label, model_label, unmask
@@ -59,7 +59,7 @@ def run_group_level(config: Config) -> None:
         raise MissingInputError(
             f"{config.output_dir}: no participant-level outputs (dataset_description.json is "
             "missing). Run the participant level into this folder first.")
-    cache = Cache(config.cache_dir or default_cache_dir())
+    cache = Cache(cache_root(config))
     writer = DerivativesWriter(config.output_dir, config)
     writer.write_config(config.resolved(), "group")
     stories = _participant_stories(writer, config)

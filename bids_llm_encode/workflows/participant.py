@@ -24,7 +24,7 @@ import pandas as pd
 from ..bids.inputs import find_runs, run_summary
 from ..bids.outputs import DerivativesWriter
 from ..bids.validate import validate_dataset
-from ..cache import Cache, default_cache_dir
+from ..cache import Cache, cache_root
 from ..config import Config
 from ..errors import DataError
 from ..records import Atlas, Dictionary, EncodingResult, RunInputs, Story, WordActivations
@@ -49,7 +49,7 @@ def model_label(config: Config) -> str:
 def run_participant_level(config: Config) -> None:
     """Run every selected participant, one after the other; see the module docstring."""
     t0 = time.perf_counter()
-    cache = Cache(config.cache_dir or default_cache_dir())
+    cache = Cache(cache_root(config))
     if config.skip_bids_validation:
         log.info("BIDS validation skipped (--skip-bids-validation)")
     else:
@@ -167,6 +167,7 @@ class Participant:
                                 repeat_group=story.name, name=r.bold.name,
                                 story_frames=_story_frames(r)))
         enc = fit_encoding(data, cv_folds=cfg.cv_folds, n_permutations=cfg.n_permutations,
+                           n_targets_batch=voxel_batch(cfg.mem_mb, sum(d.Y.shape[0] for d in data)),
                            fdr_alpha=cfg.fdr_alpha, seed=cfg.seed,
                            backend="torch_cuda" if stimulus.torch_device(cfg.device) == "cuda" else "numpy")
         sources = [r.bold for r in runs] + [r.mask for r in runs] + [r.confounds for r in runs]
@@ -244,6 +245,16 @@ class Participant:
                           self.files.table(ent, atlas.name, "metrics", ".json"), sources)
         log.info("sub-%s %s: %d atom -> network link(s)", self.subject, atlas.name, len(links))
         return corr, (summary, per_network)
+
+
+def voxel_batch(mem_mb, n_frames: int) -> int:
+    """Voxels encoded at once: 20,000 by default, or what ``--mem-mb`` allows.
+
+    The encoding holds about 16 float32 arrays of (frames x batch) at a time.
+    """
+    if not mem_mb:
+        return 20000
+    return int(np.clip(mem_mb * 2**20 / (16 * 4 * max(n_frames, 1)), 1000, 200000))
 
 
 def atom_names(n_atoms: int) -> list[str]:
