@@ -23,10 +23,12 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $@
 
+# The demo has 3 participants: a one-sample (random-effects) group test would
+# have 2 degrees of freedom, so its group maps use fixed effects.
 demo: setup
 	@test -f $(DEMO_DIR)/dataset_description.json || $(BIN)/bids_llm_encode-demo $(DEMO_DIR)
 	$(BIN)/bids_llm_encode $(DEMO_DIR) $(DEMO_OUT) participant
-	$(BIN)/bids_llm_encode $(DEMO_DIR) $(DEMO_OUT) group
+	$(BIN)/bids_llm_encode $(DEMO_DIR) $(DEMO_OUT) group --group-model fixed
 	@echo
 	@echo "Demo dataset:        $(DEMO_DIR)"
 	@echo "Derivatives:         $(DEMO_OUT)"

@@ -16,14 +16,14 @@ from typing import Optional, Sequence
 
 from . import __version__
 from .config import Config, config_field_names, load_config_file
-from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, BidsAppError, UnknownLevelError, UsageError
+from .errors import EXIT_FAILURE, EXIT_OK, BidsAppError, UnknownLevelError, UsageError
 
 log = logging.getLogger("bids_llm_encode")
 
 LEVELS = ("participant", "group")
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """argparse that raises UsageError (exit 64) instead of exiting with 2."""
 
     def error(self, message):  # noqa: D401 - argparse API
@@ -39,7 +39,7 @@ def _both(name: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     d = Config.__dataclass_fields__  # defaults live in one place: Config
-    p = _Parser(
+    p = Parser(
         prog="bids_llm_encode",
         description="Couple sub-groups of a language model's neurons with functional brain "
         "networks of people who listened to the same stories (BIDS-App).",
@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output_dir", type=Path, help="where derivatives and reports are written")
     p.add_argument("analysis_level", help="participant or group")
     p.add_argument("--version", action="version", version=f"bids_llm_encode {__version__}")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    p.add_argument("-v", "--verbose", action="count", default=None,
+                   help="more log output: INFO by default, -v for DEBUG")
     p.add_argument("--config-file", "--config_file", type=Path, default=None,
                    help="JSON or TOML file of option values; the command line wins")
 

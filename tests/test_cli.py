@@ -77,3 +77,18 @@ def test_console_script_version():
         pytest.skip("package not installed as a console script")
     out = subprocess.run([str(exe), "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and __version__ in out.stdout
+
+
+def test_verbose_from_config_file_is_kept(tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"verbose": 2}))
+    cfg = parse_config([str(tmp_path), str(tmp_path), "participant", "--config-file", str(f)])
+    assert cfg.verbose == 2
+    assert parse_config([str(tmp_path), str(tmp_path), "participant", "-v"]).verbose == 1
+
+
+def test_demo_command_usage_error_is_64(tmp_path, capsys):
+    from bids_llm_encode.demo.generate import main as demo_main
+
+    assert demo_main([str(tmp_path / "d"), "--participants", "many"]) == EXIT_USAGE
+    assert "invalid int value" in capsys.readouterr().err

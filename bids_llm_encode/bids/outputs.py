@@ -22,9 +22,8 @@ are read, merged and rewritten while holding an exclusive ``fcntl`` lock on
 ``output_dir/.bids_llm_encode.lock``.
 
 Containers: set ``BIDS_LLM_ENCODE_CONTAINER`` to ``docker[:<image tag>]`` or
-``singularity[:<image>]`` (the Dockerfile should do so); otherwise a container
-is detected from ``/.dockerenv`` (Docker) or ``$SINGULARITY_CONTAINER`` /
-``$APPTAINER_CONTAINER`` (Singularity/Apptainer).
+``singularity[:<image>]`` (the Dockerfile and singularity.def do so); without it
+no ``Container`` is recorded (see :func:`detect_container`).
 """
 
 from __future__ import annotations

@@ -873,7 +873,9 @@ def _write_raw_run(root: Path, sub: str, ent: str, bold: np.ndarray, grid: Grid,
 # ============================================================================ command line
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from ..cli import Parser
+
+    p = Parser(
         prog="bids_llm_encode-demo",
         description="Write a small synthetic naturalistic-listening BIDS dataset (raw + fMRIPrep-style "
                     "derivatives + Gentle alignment) with a known ground truth in code/demo_truth.json.")
@@ -893,7 +895,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except BidsAppError as exc:  # usage errors: exit 64, as the app
+        print(f"bids_llm_encode-demo: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     options = {k: v for k, v in (("model", args.model), ("n_atoms", args.n_atoms),

@@ -130,9 +130,12 @@ class GroupStory:
         group_z = np.zeros((len(names), int(mask.sum())), dtype=np.float32)
         design = pd.DataFrame({"intercept": np.ones(n)})
         random_fx = cfg.group_model == "random" and n >= 2
-        if cfg.group_model == "random" and n < 3:
-            log.warning("story %s: %d participant(s): a random-effects test has %d degree(s) of "
-                        "freedom; consider --group-model fixed", story, n, max(n - 1, 0))
+        if cfg.group_model == "random" and n < 2:
+            log.warning("story %s: one participant: no random-effects test; the group maps are "
+                        "that participant's (fixed effects)", story)
+        elif cfg.group_model == "random" and n < 3:
+            log.warning("story %s: %d participants: a random-effects test has %d degree(s) of "
+                        "freedom; consider --group-model fixed", story, n, n - 1)
         for k, name in enumerate(names):
             effects = [self._map(e, desc=name, stat="effect") for e in ents]
             if random_fx:
@@ -154,7 +157,8 @@ class GroupStory:
                 writer.write_nifti(img, writer.group_path(
                     f"task-{label(story)}_space-{cfg.space}_desc-{name}_stat-{stat}_statmap.nii.gz", story),
                     {"Description": f"Group {stat} map of atom {k}: {how}.", "GroupModel":
-                     cfg.group_model, "Participants": [e["sub"] for e in ents]}, effects)
+                     "random" if random_fx else "fixed", "Participants": [e["sub"] for e in ents]},
+                    effects)
 
         cv_r2 = np.stack([np.asarray(nib.load(self._map(e, desc="cv", stat="rsquared")).dataobj)[mask]
                           for e in ents])
@@ -193,7 +197,7 @@ class GroupStory:
                 agreement["participant_map_dice"] = [dice_of[a, s] for a, s in
                                                      zip(agreement["atom"], agreement["sign"])]
             summary, per_network = organization_metrics(corr, atoms, sub_df, float(card["dictionary_r2"]),
-                                                        mean_r2)
+                                                        mean_r2, networks=list(atlas.labels))
             summary = dict(summary, atlas=atlas.name, model=cfg.model, story=story, participants=n)
             base = f"task-{label(story)}_desc-{desc}"
             meta = {"Atlas": atlas.name, "MapThreshold": cfg.map_threshold, "Participants": n}
@@ -256,8 +260,8 @@ def compare_models(config: Config, writer: DerivativesWriter, report, own: dict)
                                     "run the group level there first")
         for f in found:
             rows.append(dict(json.loads(f.read_text()), output_dir=str(other)))
-    table = pd.DataFrame(rows)
-    table = table.drop(columns=[c for c in table.columns if c == "Sources"])
+    table = pd.DataFrame([{k: v for k, v in row.items() if not isinstance(v, (dict, list))}
+                          for row in rows])
     writer.write_tsv(table, writer.group_path("model_comparison.tsv"),
                      {"Description": "Organization metrics of each model (one row per output folder, "
                       "story and atlas), side by side."}, [Path(p) for p in config.compare])

@@ -204,7 +204,7 @@ class Participant:
             voxel_maps.append(("noiseceiling", "r", enc.noise_ceiling, "Correlation between "
                                "repeated presentations of the story (Spearman-Brown corrected)."))
         for desc, stat, values, text in voxel_maps:
-            writer.write_nifti(unmask(values, mask_img),
+            writer.write_nifti(unmask(values, mask_img, outside=1.0 if stat == "p" else 0.0),
                                self.files.statmap(ent, desc, stat),
                                {"Description": text, **info}, sources)
         writer.write_nifti(unmask(enc.significant.astype(np.uint8), mask_img, dtype=np.uint8),
@@ -237,7 +237,8 @@ class Participant:
         writer.write_tsv(links, self.files.table(ent, atlas.name, "links"),
                          {"Description": "Atom -> network links (FDR-significant overlaps), and so "
                           "AN sub-group -> network.", **atlas_meta}, sources)
-        summary, per_network = organization_metrics(corr, dic.atoms, sub_df, dic.r2, enc.cv_r2)
+        summary, per_network = organization_metrics(corr, dic.atoms, sub_df, dic.r2, enc.cv_r2,
+                                                    networks=list(atlas.labels))
         writer.write_tsv(per_network, self.files.table(ent, atlas.name, "networks"),
                          {"Description": "Organization metrics per network (method.md section 6).",
                           **atlas_meta}, sources)
@@ -289,14 +290,26 @@ class ParticipantFiles:
 
 def write_stimulus_outputs(writer: DerivativesWriter, story: Story, acts: WordActivations,
                            dic: Dictionary, sub_df: pd.DataFrame, cfg: Config) -> None:
-    """The per-story, per-model files shared by all participants (written once)."""
+    """The per-story, per-model files shared by all participants.
+
+    Written once per settings: a rerun into the same folder with other
+    dictionary settings rewrites them (and warns: earlier participants' maps
+    belong to the old atoms).
+    """
+    import json
+
+    from ..cache import digest
     from ..patterns.subgroups import loadings_table
-    from ..signal.frames import frame_series
 
     model = model_label(cfg)
     card_path = writer.story_path(story.name, model, "modelcard.json")
+    settings = digest(acts.card.get("cache_key"), dic.atoms.shape, dic.alpha, cfg.n_atoms, cfg.sparsity,
+                      cfg.seed, cfg.atom_tr, cfg.hrf, cfg.subgroup)
     if card_path.exists():
-        return
+        if json.loads(card_path.read_text()).get("settings_digest") == settings:
+            return
+        log.warning("%s: written with other settings; rewriting the story's files. Participants "
+                    "run before with the old settings have maps of other atoms: rerun them.", card_path)
     src = [story.source]
     names = atom_names(dic.n_atoms)
     atoms = pd.DataFrame(dic.atoms, columns=names)
@@ -316,20 +329,21 @@ def write_stimulus_outputs(writer: DerivativesWriter, story: Story, acts: WordAc
     writer.write_tsv(sub_df, writer.story_path(story.name, model, "subgroups.tsv"),
                      {"Description": f"AN sub-group of each atom ({cfg.subgroup}): size, signs and "
                       "histogram over layers."}, src)
-    X = frame_series(story.starts, acts.values, dic.frame_times, hrf=cfg.hrf)
+    X = stimulus.neuron_series(story, acts, dic.frame_times, cfg)
     writer.write_npy(X.astype(np.float16), writer.story_path(story.name, model, "neurons.npy"),
                      {"Description": "Neuron frame series X (frames x neurons, z-scored, float16) on "
                       "the reference grid of atoms.tsv; numpy.load. Columns follow loadings.tsv's "
                       "neuron index.", "FrameTimes": dic.frame_times.tolist()}, src)
     writer.write_json(dict(acts.card, dictionary_r2=dic.r2, n_atoms=dic.n_atoms, alpha=dic.alpha,
                            sparsity=cfg.sparsity, atom_tr=cfg.atom_tr, hrf=cfg.hrf,
-                           dictionary=dic.info), card_path, src)
+                           subgroup=cfg.subgroup, dictionary=dic.info, settings_digest=settings),
+                      card_path, src)
 
 
-def unmask(values: np.ndarray, mask_img, dtype=np.float32) -> nib.Nifti1Image:
-    """Put mask-ordered voxel values back into the mask's 3D grid (0 outside)."""
+def unmask(values: np.ndarray, mask_img, dtype=np.float32, outside: float = 0) -> nib.Nifti1Image:
+    """Put mask-ordered voxel values back into the mask's 3D grid (``outside`` elsewhere)."""
     mask = np.asarray(mask_img.dataobj) > 0
-    out = np.zeros(mask.shape, dtype=dtype)
+    out = np.full(mask.shape, outside, dtype=dtype)
     out[mask] = np.nan_to_num(np.asarray(values, dtype=np.float64)).astype(dtype)
     img = nib.Nifti1Image(out, mask_img.affine)
     img.header.set_xyzt_units("mm")

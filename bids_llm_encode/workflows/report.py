@@ -42,7 +42,7 @@ def participant_story_sections(report, result, cfg: Config, writer) -> None:
 
     rng = np.random.default_rng(0)
     cols = np.sort(rng.choice(acts.values.shape[1], size=min(4, acts.values.shape[1]), replace=False))
-    X = frame_series(story.starts, acts.values[:, cols], dic.frame_times, hrf=cfg.hrf)
+    X = frame_series(story.starts, acts.values[:, cols], dic.frame_times, hrf=cfg.hrf)  # 4 neurons only
     sec.figure(fig.neuron_timecourses(dic.frame_times, X, story.starts,
                                       [f"L{acts.layer[c]}:u{acts.unit[c]}" for c in cols]),
                "Four artificial neurons' responses (HRF-convolved, z-scored) against the word onsets "

@@ -50,10 +50,17 @@ def story_activations(story: Story, config: Config, cache: Cache) -> WordActivat
     return _acts(get_model(config, cache), story, config, cache)
 
 
+def neuron_series(story: Story, activations: WordActivations, frame_times_audio: np.ndarray,
+                  config: Config) -> np.ndarray:
+    """The neurons' z-scored frame series X at the given audio-relative frame times, (frames, neurons)."""
+    from ..signal.frames import frame_series
+
+    return frame_series(story.starts, activations.values, np.asarray(frame_times_audio), hrf=config.hrf)
+
+
 def story_dictionary(story: Story, config: Config, cache: Cache) -> tuple[WordActivations, Dictionary]:
     """Word activations and the sparse dictionary of a story, computed once and cached."""
     from ..patterns.dictionary import learn_dictionary
-    from ..signal.frames import frame_series
 
     acts = story_activations(story, config, cache)
     grid = reference_frame_times(story, config.atom_tr)
@@ -64,7 +71,7 @@ def story_dictionary(story: Story, config: Config, cache: Cache) -> tuple[WordAc
     def create(folder):
         log.info("story %s: learning %d atoms from %d neurons x %d frames", story.name,
                  config.n_atoms, acts.values.shape[1], len(grid))
-        X = frame_series(story.starts, acts.values, grid, hrf=config.hrf)
+        X = neuron_series(story, acts, grid, config)
         d = learn_dictionary(X, n_atoms=config.n_atoms, sparsity=config.sparsity, seed=config.seed,
                              device=torch_device(config.device), frame_times=grid)
         np.save(folder / "atoms.npy", d.atoms)
@@ -93,10 +100,8 @@ def run_design(frame_times_audio: np.ndarray, story: Story, activations: WordAct
     projected on the fixed loadings (``patterns.dictionary.project_atoms``).
     """
     from ..patterns.dictionary import project_atoms
-    from ..signal.frames import frame_series
 
-    X = frame_series(story.starts, activations.values, np.asarray(frame_times_audio), hrf=config.hrf)
-    return project_atoms(X, dictionary.loadings)
+    return project_atoms(neuron_series(story, activations, frame_times_audio, config), dictionary.loadings)
 
 
 def torch_device(device: str) -> str:
