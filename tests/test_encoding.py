@@ -170,3 +170,16 @@ def test_confound_regression_does_not_leak_into_cv():
     res = fit_encoding([RunData(Y=Y.astype(np.float32), design=D, confounds=conf)], n_permutations=50, seed=1)
     assert abs(np.median(res.cv_r)) < 0.03
     assert res.significant.mean() <= 0.05
+
+
+def test_run_shorter_than_the_story_is_fitted_with_a_warning(caplog):
+    """A scan stopped before the story ended: fit the frames that exist, and say so."""
+    rng = np.random.default_rng(3)
+    T, K, V = 150, 8, 300
+    D = make_design(rng, T, K)
+    Y = ar1(rng, T, V, 0.3) + D[:, :1] * 2.0
+    with caplog.at_level("WARNING"):
+        res = fit_encoding([RunData(Y=Y.astype(np.float32), design=D, name="short_bold", story_frames=200)],
+                           n_permutations=20)
+    assert "short_bold: 150 frames, shorter than the story (200 frames)" in caplog.text
+    assert res.cv_r.shape == (V,) and np.isfinite(res.cv_r).all()
