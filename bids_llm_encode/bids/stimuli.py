@@ -80,6 +80,21 @@ def _check_interval(start: float, end: float, path: Path, where: str) -> None:
         raise DataError(f"{path}, {where}: negative start time {start}")
 
 
+def _append_times(starts: list, ends: list, aligned: list, times, path: Path, where: str) -> None:
+    """Append one word's (start, end), checked, or NaNs when ``times`` is None (not aligned)."""
+    if times is None:
+        starts.append(np.nan)
+        ends.append(np.nan)
+        aligned.append(False)
+        return
+    start = _float(times[0], path, where, "start time")
+    end = _float(times[1], path, where, "end time")
+    _check_interval(start, end, path, where)
+    starts.append(start)
+    ends.append(end)
+    aligned.append(True)
+
+
 def fill_unaligned(starts: np.ndarray, ends: np.ndarray, aligned: np.ndarray,
                    source: Path | str = "<words>") -> tuple[np.ndarray, np.ndarray]:
     """Interpolate the times of words the aligner could not place.
@@ -197,17 +212,7 @@ def read_gentle_csv(path: Path, name: Optional[str] = None) -> Story:
         if (s == "") != (e == ""):
             raise DataError(f"{path}, line {lineno}: only one of start/end is given ({s!r}, {e!r})")
         words.append(word)
-        if s == "":
-            starts.append(np.nan)
-            ends.append(np.nan)
-            aligned.append(False)
-            continue
-        start = _float(s, path, f"line {lineno}", "start time")
-        end = _float(e, path, f"line {lineno}", "end time")
-        _check_interval(start, end, path, f"line {lineno}")
-        starts.append(start)
-        ends.append(end)
-        aligned.append(True)
+        _append_times(starts, ends, aligned, None if s == "" else (s, e), path, f"line {lineno}")
     if not words:
         raise DataError(f"{path}: no words")
     return _make_story(name or story_name_for(path), words, starts, ends, aligned, path)
@@ -241,17 +246,7 @@ def read_gentle_json(path: Path, name: Optional[str] = None) -> Story:
         words.append(str(item["word"]).strip())
         ok = item.get("case", "success") == "success" and item.get("start") is not None \
             and item.get("end") is not None
-        if not ok:
-            starts.append(np.nan)
-            ends.append(np.nan)
-            aligned.append(False)
-            continue
-        start = _float(item["start"], path, where, "start time")
-        end = _float(item["end"], path, where, "end time")
-        _check_interval(start, end, path, where)
-        starts.append(start)
-        ends.append(end)
-        aligned.append(True)
+        _append_times(starts, ends, aligned, (item["start"], item["end"]) if ok else None, path, where)
     if not words:
         raise DataError(f"{path}: no words")
     return _make_story(name or story_name_for(path), words, starts, ends, aligned, path)
