@@ -33,7 +33,6 @@ for _v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 import argparse  # noqa: E402
 import importlib.util
 import logging
-import re
 import resource
 import sys
 import time

@@ -8,7 +8,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 
 CHROMIUM_CANDIDATES = ("chromium", "chromium-browser", "google-chrome")
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -43,11 +42,3 @@ def body_attrs(dom: str) -> dict[str, str]:
     body = re.search(r"<body([^>]*)>", dom)
     assert body, "no <body> in the dumped DOM"
     return dict(re.findall(r'([\w-]+)="([^"]*)"', body.group(1)))
-
-
-@pytest.fixture(scope="module")
-def chromium() -> str:
-    exe = find_chromium()
-    if exe is None:
-        pytest.skip("no Chromium found (.ci/run installs Debian's chromium)")
-    return exe

@@ -34,3 +34,14 @@ def session_cache(tmp_path_factory) -> Path:
         os.environ.pop("BIDS_LLM_ENCODE_CACHE", None)
     else:
         os.environ["BIDS_LLM_ENCODE_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Headless Chromium for the report tests (``.ci/run`` installs Debian's chromium)."""
+    from browser import find_chromium
+
+    exe = find_chromium()
+    if exe is None:
+        pytest.skip("no Chromium found (.ci/run installs Debian's chromium)")
+    return exe

@@ -33,7 +33,6 @@ def _synthetic(T=100, N=600, K=8, density=0.2, noise=0.3, seed=0):
 
 
 def _best_abs_corr(D, D0):
-    K = D0.shape[1]
     c = np.abs(np.corrcoef(D.T, D0.T)[:D.shape[1], D.shape[1]:])
     return c.max(0)  # for each true atom, its best match among the learned ones
 

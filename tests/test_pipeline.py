@@ -21,7 +21,7 @@ from bids_llm_encode.bids.validate import validate_derivatives
 from bids_llm_encode.cli import run
 from bids_llm_encode.demo.generate import generate_demo
 from bids_llm_encode.errors import EXIT_NO_INPUT
-from browser import body_attrs, chromium, load_in_chromium  # noqa: F401 (chromium is a fixture)
+from browser import body_attrs, load_in_chromium
 from layouts import tree_checksums
 
 SUBJECTS = ("01", "02", "03")

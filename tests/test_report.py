@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import io
 import re
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -29,7 +28,7 @@ from bids_llm_encode.networks.overlap import SIGNS, link_agreement
 from bids_llm_encode.patterns.subgroups import subgroups
 from bids_llm_encode.report import figures
 from bids_llm_encode.report.html import Report
-from browser import body_attrs, chromium, load_in_chromium  # noqa: F401 (chromium is a fixture)
+from browser import body_attrs, load_in_chromium
 
 
 # ------------------------------------------------------------ synthetic data

@@ -17,7 +17,7 @@ import json
 import logging
 import re
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional
 
 import nibabel as nib
 import numpy as np

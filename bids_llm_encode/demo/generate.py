@@ -634,7 +634,6 @@ def generate_demo(out_dir, plant="word-features", n_subjects: int = 3, seed: int
 def _generate(root: Path, plant, n_subjects: int, seed: int, cache_dir, atlas: Optional[Atlas],
               model_options: Optional[dict] = None) -> None:
     import nibabel as nib
-    import pandas as pd
 
     plant = make_plant(plant, cache_dir=Path(cache_dir) if cache_dir else None, config_overrides=model_options)
     subs = _participants(n_subjects)

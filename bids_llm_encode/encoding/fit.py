@@ -242,7 +242,7 @@ def _outer_inner_folds(lengths: list[int], cv_folds: int, gap: int, inner_folds:
             train_runs = [j for j in range(len(lengths)) if j != i]
             train = np.concatenate([run_idx[j] for j in train_runs])
             if len(train_runs) > 1:
-                inner, pos = [], 0
+                inner = []
                 offs = np.concatenate([[0], np.cumsum([lengths[j] for j in train_runs])])
                 for a, b in zip(offs[:-1], offs[1:]):
                     t = np.arange(len(train))

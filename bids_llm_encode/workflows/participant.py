@@ -226,7 +226,6 @@ class Participant:
         cfg, writer = self.config, self.writer
         corr = correspondence(enc.z, mask_img, atlas, threshold=cfg.map_threshold,
                               n_null=cfg.n_spatial_null, seed=cfg.seed, fdr_alpha=cfg.fdr_alpha)
-        desc = label(atlas.name)
         atlas_meta = {"Atlas": atlas.name, "MapThreshold": cfg.map_threshold,
                       "SpatialNulls": cfg.n_spatial_null, "FDRAlpha": cfg.fdr_alpha}
         writer.write_tsv(corr, self.files.table(ent, atlas.name, "overlap"),
