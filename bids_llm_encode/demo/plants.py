@@ -135,27 +135,6 @@ def _check_couplings(couplings, names) -> None:
 
 # ----------------------------------------------------------------------------- word features
 
-def _hrf_regressor(onsets: np.ndarray, amplitudes: np.ndarray, frame_times: np.ndarray,
-                   hrf: str) -> np.ndarray:
-    """Impulses at ``onsets`` scaled by ``amplitudes``, convolved with the HRF, at ``frame_times``.
-
-    Parameters
-    ----------
-    onsets, amplitudes : ndarray, shape (n_events,)
-    frame_times : ndarray, shape (n_frames,)
-        Same clock as ``onsets``.
-
-    Returns
-    -------
-    ndarray, shape (n_frames,)
-    """
-    from nilearn.glm.first_level import compute_regressor
-
-    cond = np.vstack([onsets, np.zeros_like(onsets), amplitudes])
-    reg, _ = compute_regressor(cond, hrf, frame_times, oversampling=20, min_onset=-60)
-    return reg[:, 0]
-
-
 @dataclass
 class WordFeaturesPlant:
     """Signals computed from the story's words and timing alone (no language model).
@@ -205,9 +184,11 @@ class WordFeaturesPlant:
             "sentence_end": ends_sentence,
             "comma": comma,
         }
-        ft = run.audio_frame_times
-        cols = [_hrf_regressor(onsets, amps[n], ft, self.hrf) for n in self.SIGNALS]
-        return np.column_stack(cols), list(self.SIGNALS)
+        from ..signal.frames import frame_series  # the pipeline's own word -> HRF -> frames step
+
+        values = np.column_stack([amps[n] for n in self.SIGNALS])
+        return frame_series(onsets, values, run.audio_frame_times, hrf=self.hrf, zscore=False), \
+            list(self.SIGNALS)
 
     def describe(self) -> dict:
         return {
