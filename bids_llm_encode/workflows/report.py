@@ -34,7 +34,7 @@ def participant_story_sections(report, result, cfg: Config, writer) -> None:
     story, acts, dic, enc = result.story, result.activations, result.dictionary, result.encoding
     card = acts.card
     sec = report.add_section(f"Model on '{story.name}'", anchor=f"model-{story.name}")
-    sec.keyvalues({k: card.get(k) for k in ("model", "model_class", "family", "site", "n_neurons",
+    sec.keyvalues({k: card.get(k) for k in ("model", "class", "family", "site", "n_neurons",
                                             "n_tokens", "n_words", "n_windows", "window_tokens",
                                             "context_tokens", "seconds", "tokens_per_s", "device",
                                             "dtype") if k in card})
