@@ -290,13 +290,8 @@ class ModelAtomsPlant:
 
     def prepare(self, story: Story, work_dir: Path) -> None:
         """Learn (or read from the cache) the story's dictionary and bind signals to atoms."""
-        try:
-            from ..workflows.stimulus import story_dictionary
-        except ImportError as exc:  # pragma: no cover - depends on the integrator's module
-            raise UsageError("the model-atoms plant needs bids_llm_encode.workflows.stimulus "
-                             f"(story_dictionary, run_design), which cannot be imported: {exc}. "
-                             "Use --plant word-features.") from exc
         from ..cache import Cache, cache_root
+        from ..workflows.stimulus import story_dictionary
 
         cfg = self._config(work_dir)
         cache = Cache(cache_root(cfg))
