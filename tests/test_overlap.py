@@ -80,9 +80,9 @@ def test_null_calibration_on_unrelated_smooth_maps(grid):
     tested = df[df.n_map_voxels > 0]
     assert len(tested) > 2000
     rate = (tested.p < 0.05).mean()
-    # measured 0.02-0.03 (the shift null is slightly conservative, docs/networks.md); never liberal
-    assert 0.005 < rate < 0.08, rate
-    assert 0.02 < (tested.p < 0.1).mean() < 0.14
+    # measured 0.042-0.053 over two atlases and seeds (docs/networks.md)
+    assert 0.03 < rate < 0.075, rate
+    assert 0.07 < (tested.p < 0.1).mean() < 0.14
     assert df.linked.mean() < 0.02
 
 

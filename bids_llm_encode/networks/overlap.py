@@ -18,10 +18,11 @@ inside the mask is compared with the network. All offsets are evaluated at
 once with FFT cross-correlations (``|shift(M) & N|`` and ``|shift(M) & mask|``
 for every offset), and ``n_null`` offsets are drawn among those that keep at
 least ``min_kept`` (default half) of the map inside the brain. Because a shifted
-map loses voxels at the brain's edge, the null statistic is the overlap *rate*
-(size-free), and the one-sided p-value is
-``(1 + #{null rate >= observed rate}) / (1 + n_null)``; for the observed map,
-rate and Dice are monotone in each other, so this is a test of the Dice.
+map loses voxels at the brain's edge and covers a region with more or less of
+each network, the statistic is the overlap in excess of chance in binomial
+units (:func:`_excess`), and the one-sided p-value is
+``(1 + #{null >= observed}) / (1 + n_null)``; for the observed map the
+statistic is monotone in the Dice, so this is a test of the Dice.
 The same offsets serve every network, and the p-values are BH-FDR corrected
 over atoms x networks x signs. ``docs/networks.md`` shows the calibration.
 """
@@ -190,6 +191,22 @@ class _ShiftNull:
         return np.rint(out.reshape(out.shape[0], -1))
 
 
+def _excess(overlap, size, share):
+    """Overlap in excess of chance, in binomial standard units: (o - n s) / sqrt(n s (1 - s)).
+
+    ``share`` is the network's share of the region the map could fall in: the
+    whole mask for the observed map, the mask's overlap with its shifted copy for
+    a shifted one. Centring on it and scaling by the map's size makes shifted
+    maps (which lose voxels at the brain's edge, and whose covered region holds
+    more or less of a network) comparable with the observed map; the plain
+    overlap rate left the null 2-3x too heavy-tailed (1.7-3 % at p < 0.05 on
+    unrelated smooth maps, 4.7 % with this statistic).
+    """
+    overlap, size, share = (np.asarray(x, dtype=np.float64) for x in (overlap, size, share))
+    var = size * share * (1.0 - share)
+    return (overlap - size * share) / np.sqrt(np.maximum(var, 1e-9))
+
+
 def correspondence(
     z_maps: np.ndarray,
     mask_img,
@@ -261,6 +278,10 @@ def correspondence(
     net_size = nets.sum(axis=1)
     t0 = time.perf_counter()
     null = _ShiftNull(mask, nets.astype(np.float64))
+    # for every shift, the share of each network in the part of the brain a shifted map can cover
+    cover = null.counts(np.ones(n_vox))
+    cover_share = cover[:-1] / np.maximum(cover[-1], 1)[None]  # (n_net, n_shifts)
+    share = net_size / n_vox
     rows = []
     pvals = np.ones((n_atoms, n_net, 2))
     for a in range(n_atoms):
@@ -282,9 +303,9 @@ def correspondence(
                     else:
                         rng = np.random.default_rng([seed, a, s])
                         pick = rng.choice(valid, size=n_null, replace=valid.size < n_null)
-                    rate_null = c[:-1, pick] / kept[pick][None]
-                    rate_obs = inter / k
-                    exceed = (rate_null >= rate_obs[:, None] - 1e-12).sum(axis=1)
+                    stat_null = _excess(c[:-1, pick], kept[pick][None], cover_share[:, pick])
+                    stat_obs = _excess(inter, k, share)
+                    exceed = (stat_null >= stat_obs[:, None] - 1e-9).sum(axis=1)
                     pvals[a, :, s] = (1 + exceed) / (1 + pick.size)
             for n in range(n_net):
                 ov = int(inter[n])
