@@ -271,7 +271,8 @@ def test_anchors_unique_and_png_bytes_accepted():
 
 def test_report_loads_in_headless_chromium(data, figs, tmp_path, chromium):
     rep, n = build_report(data, figs)
-    page = rep.write(tmp_path / "out" / "sub-01.html")
+    page = tmp_path / "sub-01.html"
+    page.write_text(rep.to_html())
     dom, console = load_in_chromium(chromium, page, tmp_path / "profile")
     assert console == [], f"console messages: {console}"
     attrs = body_attrs(dom)

@@ -27,19 +27,15 @@ import datetime as _dt
 import html as _html
 import io
 import logging
-import os
 import re
 import sys
 from importlib import resources
-from pathlib import Path
 from string import Template
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional
 
 import pandas as pd
 
 from .. import __version__
-from ..cache import atomic_write_bytes
-from ..errors import CantCreateError
 
 logger = logging.getLogger(__name__)
 
@@ -278,14 +274,3 @@ class Report:
             created=_esc(self.created.strftime("%Y-%m-%d %H:%M %Z").strip()),
             version=_esc(__version__), nav=nav, summary=summary,
             sections="\n".join(s.render() for s in self.sections))
-
-    def write(self, path: Union[str, os.PathLike]) -> Path:
-        """Write the page atomically to ``path`` (for use outside the output writer)."""
-        path = Path(path)
-        try:
-            atomic_write_bytes(path, self.to_html().encode("utf-8"))
-        except OSError as exc:
-            raise CantCreateError(f"cannot write the HTML report {path}: {exc}; "
-                                  "check that the output folder is writable") from exc
-        logger.info("Wrote report %s", path)
-        return path
