@@ -182,8 +182,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
             from .workflows.group import run_group_level
 
             run_group_level(cfg)
-    except BidsAppError as exc:
-        log.error("%s", exc)
+    except BidsAppError as exc:  # one line on stderr, the same before and after logging is set up
         print(f"bids_llm_encode: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

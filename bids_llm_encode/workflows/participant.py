@@ -75,12 +75,10 @@ class StoryResult:
     """What one participant's encoding of one story produced (for the report)."""
 
     story: Story
-    runs: list[RunInputs]
     activations: WordActivations
     dictionary: Dictionary
     encoding: EncodingResult
     mask_img: nib.Nifti1Image
-    entities: dict
     correspondence: dict  # atlas name -> DataFrame
     metrics: dict  # atlas name -> (summary dict, per-network DataFrame)
     subgroups: pd.DataFrame
@@ -177,7 +175,7 @@ class Participant:
         for atlas in self.atlases(mask_img):
             corr[atlas.name], metrics[atlas.name] = self.networks(atlas, enc, dic, sub_df, mask_img,
                                                                   ent, sources)
-        return StoryResult(story, runs, acts, dic, enc, mask_img, ent, corr, metrics, sub_df)
+        return StoryResult(story, acts, dic, enc, mask_img, corr, metrics, sub_df)
 
     def write_encoding_maps(self, enc: EncodingResult, mask_img, ent: dict, sources) -> None:
         writer, cfg = self.writer, self.config
