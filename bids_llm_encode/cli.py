@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--fbn-atlas", nargs="+", default=None,
                    help="CA12, Yeo7, Yeo17, tpl:Schaefer2018:400Parcels7Networks, or a NIfTI path")
     n.add_argument("--map-threshold", type=float, default=None)
+    n.add_argument("--map-rule", choices=["winner", "all"], default=None,
+                   help="winner (default): a voxel counts for the atom with the largest |z| there only")
     n.add_argument("--n-spatial-null", type=int, default=None)
 
     gr = p.add_argument_group("group level")

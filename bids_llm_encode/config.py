@@ -63,6 +63,7 @@ class Config:
     # networks (section 5)
     fbn_atlas: list[str] = field(default_factory=lambda: ["CA12", "Yeo7"])
     map_threshold: float = 3.1
+    map_rule: str = "winner"  # winner: each voxel counts for its preferred atom only | all
     n_spatial_null: Optional[int] = None  # None: every valid shift of the map (finest p-values)
     # group (section 7)
     group_model: str = "random"  # random: one-sample t over participants; fixed: Stouffer z

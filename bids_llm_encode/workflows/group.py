@@ -180,7 +180,7 @@ class GroupStory:
         for spec in cfg.fbn_atlas:
             atlas = load_atlas(spec, brain, cache=self.cache, space=cfg.space)
             desc = label(atlas.name)
-            corr = correspondence(group_z, brain, atlas, threshold=cfg.map_threshold,
+            corr = correspondence(group_z, brain, atlas, threshold=cfg.map_threshold, map_rule=cfg.map_rule,
                                   n_null=cfg.n_spatial_null, seed=cfg.seed, fdr_alpha=cfg.fdr_alpha)
             links = links_table(corr)
             tables = []
@@ -200,7 +200,8 @@ class GroupStory:
                                                         mean_r2, networks=list(atlas.labels))
             summary = dict(summary, atlas=atlas.name, model=cfg.model, story=story, participants=n)
             base = f"task-{label(story)}_desc-{desc}"
-            meta = {"Atlas": atlas.name, "MapThreshold": cfg.map_threshold, "Participants": n}
+            meta = {"Atlas": atlas.name, "MapThreshold": cfg.map_threshold, "MapRule": cfg.map_rule,
+                    "Participants": n}
             writer.write_tsv(corr, writer.group_path(f"{base}_overlap.tsv", story),
                              {"Description": "Overlap of each group atom z map with each network.", **meta},
                              sources)
