@@ -46,7 +46,9 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
+T_START = time.perf_counter()  # the budget counts from here: the imports below take seconds
 QUICK = "--quick" in sys.argv
 if QUICK:
     # as benchmarks/patterns.py: on the shared 2-core machine an oversubscribed OpenMP pool spins
@@ -63,7 +65,6 @@ import math  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
 import resource  # noqa: E402
-import time  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -133,7 +134,7 @@ class Dev:
 
 class Clock:
     def __init__(self, budget: float):
-        self.t0 = time.perf_counter()
+        self.t0 = T_START
         self.budget = budget
 
     def elapsed(self) -> float:
@@ -320,7 +321,9 @@ def stage_extraction(args, dev: Dev, tok, rows: list, out: dict):
     dev.sync()
     dev_s = time.perf_counter() - t
     d32 = rel_diff(got, ref)
-    bf = copy.deepcopy(small).to(device=dev.torch, dtype=torch.bfloat16)
+    # bf16 as from_pretrained(dtype=bfloat16) makes it: weights cast, RoPE frequencies kept in float32
+    bf = build_llama(llama_config("small", len(tok)), torch.bfloat16, dev.torch, seed=1)
+    bf.load_state_dict(small.state_dict())
     got16 = word_activations(loaded_model(bf, tok, "small-llama", dev, "bfloat16"), cwords, **kw).values
     d16 = rel_diff(got16, ref)
     out.update(extract_rel_diff=d32, extract_rel_diff_bf16=d16)
@@ -527,10 +530,11 @@ def _fmt(v, spec):
     return format(v, spec)
 
 
-def print_table(rows):
+def print_table(rows, header: bool = True):
     head = f"{'stage':<11} {'case':<62} {'s':>8} {'ref s':>8} {'GPU GB':>7} {'rel diff':>9} {'tol':>7}  value; note"
-    print(head)
-    print("-" * len(head))
+    if header:
+        print(head)
+        print("-" * len(head))
     for r in rows:
         status = ""
         if r.get("rel_diff") is not None:
@@ -578,6 +582,7 @@ def main(argv=None) -> int:
         if name.split(":")[0] not in stages:
             return None
         t = time.perf_counter()
+        n0 = len(rows)
         try:
             return fn(*a)
         except Exception as exc:  # noqa: BLE001 - report the stage and go on with the others
@@ -588,7 +593,14 @@ def main(argv=None) -> int:
             dev.free()
             return None
         finally:
+            # each stage's rows as soon as it ends, and the JSON so far: a run stopped later keeps them
             print(f"[{clock.elapsed():6.1f} s] {name} done", flush=True)
+            print_table(rows[n0:], header=False)
+            sys.stdout.flush()
+            if args.json:
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps({"rows": rows, "results": out, "partial": True}, indent=2,
+                                                default=str))
 
     run("extract", stage_extraction, args, dev, tok, rows, out)
     # budget: the story-level dictionary gets at most 90 s (20 s quick), the encoding is kept 60 s for the model level

@@ -79,11 +79,11 @@ print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torc
 torch.cuda.is_available(), 'transformers', transformers.__version__, 'himalaya', himalaya.__version__, \
 'nilearn', nilearn.__version__, 'numpy', numpy.__version__, 'sklearn', sklearn.__version__)"
     set +e
-    timeout -k 10 "${GPU_TIMEOUT:-560}" "$PY" benchmarks/gpu.py --tokenizer "$DIR/tokenizer" \
+    timeout -k 10 "${GPU_TIMEOUT:-480}" "$PY" benchmarks/gpu.py --tokenizer "$DIR/tokenizer" \
         --json "$out/gpu.json" "$@" 2>&1 | tee "$out/gpu.log"
     local rc=${PIPESTATUS[0]}
     set -e
-    [ "$rc" = 124 ] && echo "gpu.sh: gpu.py ran past ${GPU_TIMEOUT:-560} s and was stopped" >&2
+    [ "$rc" = 124 ] && echo "gpu.sh: gpu.py ran past ${GPU_TIMEOUT:-480} s and was stopped" >&2
     return "$rc"
 }
 
