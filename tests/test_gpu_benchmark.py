@@ -98,3 +98,59 @@ def test_wrapper_is_valid_bash():
     # what the device machine needs: wheels installed offline into a target, the tree on PYTHONPATH
     assert "--no-index" in text and "--target" in text and "--python-version 3.12" in text
     assert 'PYTHONPATH="$PWD' in text and "--tokenizer" in text
+
+
+class _FakeClock:
+    """Seconds left, one value per call (the last one repeats); the stage keeps 10 s back."""
+
+    def __init__(self, *left):
+        self.values = list(left)
+
+    def left(self):
+        return self.values.pop(0) if len(self.values) > 1 else self.values[0]
+
+
+def _gpu_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_gpu_bench", SCRIPT)
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    return gpu
+
+
+def _one_thread(fn, *args):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as --quick does: an oversubscribed pool spins on the shared machine
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_story_dictionary_capped_by_the_budget_is_estimated():
+    import argparse
+
+    gpu = _gpu_module()
+    rows, out = [], {}
+    alts, per_alt = _one_thread(gpu.stage_dictionary_story, argparse.Namespace(quick=True), gpu.Dev("cpu"),
+                                _FakeClock(100.0), rows, out, 0.01)
+    assert alts == 2 and per_alt > 0  # capped at the 2 alternations of the probe
+    assert out["dict_estimated"] == 1 and out["dict_seconds"] > 0
+    assert "capped at 2" in rows[0]["note"]
+    assert out["dict_rel_diff"] <= TOL  # the subset check still runs
+
+
+@pytest.mark.parametrize("left, estimated_from", [((31.0, 13.0), "capped"), ((31.0, 10.5), "probe only")])
+def test_model_dictionary_capped_by_the_budget_is_estimated(left, estimated_from):
+    import argparse
+
+    gpu = _gpu_module()
+    rows, out = [], {}
+    _one_thread(gpu.stage_dictionary_model, argparse.Namespace(quick=True), gpu.Dev("cpu"), _FakeClock(*left), rows,
+                out, 40, 0.05)
+    assert out["dict_model_estimated"] == 1
+    assert math.isfinite(out["dict_model_seconds"]) and out["dict_model_seconds"] > 0
+    assert estimated_from in rows[-1]["note"]
