@@ -273,7 +273,7 @@ def stage_extraction(args, dev: Dev, tok, rows: list, out: dict):
     n_par = nonembedding_params(model)
     name = f"llama3-8b-shaped (random, bf16, {cfg.num_hidden_layers} layers x {cfg.hidden_size})"
     loaded = loaded_model(model, tok, name, dev, "bfloat16")
-    rows.append(dict(stage="extract", case=f"build model ({weights_gb:.1f} GB bf16 weights)", seconds=build_s,
+    rows.append(dict(stage="extract", case=f"build model ({weights_gb:.1f} GiB bf16 weights)", seconds=build_s,
                      peak_gb=dev.peak_gb(), note=f"{n_par:,} non-embedding params"))
     word_activations(loaded, words[:200], **kw)  # warm-up: kernels, cuBLAS handles
     reps = 1 if args.quick else 3
@@ -493,11 +493,25 @@ def stage_encoding(args, dev: Dev, clock: Clock, rows: list, out: dict, reserve:
                      note=(f"numpy {np_s:.1f} s; " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
                            + f"; FDR calls differ in {n_flip} voxels")))
 
-    # the whole brain, or as much as the budget allows (then scaled)
+    # the whole brain, or as much as the budget allows (then scaled). Its time is predicted from
+    # a fixed cost per batch of voxels (the design's shifts, cleaning and SVDs: numpy) and a cost
+    # per voxel, separated by a second, smaller run; 20 % margin.
+    n_small = n_check // 10
+    t = time.perf_counter()
+    fit_encoding([RunData(Y[:, sub[:n_small]], D)], backend=dev.backend, **kw)
+    small_s = time.perf_counter() - t
+    per_voxel = max(dev_s - small_s, 0.0) / (n_check - n_small) or dev_s / n_check
+    fixed = max(dev_s - n_check * per_voxel, 0.0)
+
+    def predict(v):
+        return 1.2 * (math.ceil(v / VOXEL_BATCH) * fixed + v * per_voxel)
+
     n_batches = math.ceil(V / VOXEL_BATCH)
-    predicted = dev_s * max(1.0, V / n_check)  # linear in voxels: an upper bound (fixed costs per batch are smaller)
+    predicted = predict(V)
     left = clock.left() - reserve
-    fit_v = V if predicted <= left else max(n_check, int(V * left / predicted) // 1000 * 1000)
+    fit_v = V
+    while fit_v > n_check and predict(fit_v) > left:
+        fit_v = max(n_check, fit_v - max(1000, V // 50))
     cols = np.arange(V) if fit_v == V else np.linspace(0, V - 1, fit_v).astype(np.int64)
     dev.reset_peak()
     t = time.perf_counter()
@@ -505,14 +519,16 @@ def stage_encoding(args, dev: Dev, clock: Clock, rows: list, out: dict, reserve:
     secs = time.perf_counter() - t
     peak = dev.peak_gb()
     est = fit_v < V
-    full = secs * V / fit_v
+    full = secs * predict(V) / predict(fit_v)  # = secs when the whole brain was fitted
     out.update(encoding_seconds=full, encoding_estimated=int(est), encoding_peak_gb=peak,
-               encoding_rss_gb=rss_gb())
+               encoding_rss_gb=rss_gb(), encoding_predicted_seconds=predicted)
     stages = res.info["seconds_by_stage"]
     rows.append(dict(stage="encoding", case=f"{V:,} voxels x {T} frames x {K} atoms, {dev.backend}", seconds=secs,
                      peak_gb=peak, value=f"{res.info['n_significant']:,} FDR voxels" if not est else "",
-                     note=((f"budget: fitted {fit_v:,} voxels, scaled x{V / fit_v:.2f} to {full:.1f} s; "
+                     note=((f"budget: fitted {fit_v:,} voxels, scaled x{full / secs:.2f} to {full:.1f} s; "
                             if est else "")
+                           + f"predicted {predicted:.1f} s (fixed {fixed:.2f} s per batch + {per_voxel * 1e3:.3f} ms "
+                           f"per voxel, from {n_small:,} and {n_check:,} voxels); "
                            + f"{DEFAULTS.cv_folds} CV folds, {P} shifts, batches of {VOXEL_BATCH:,} ({n_batches}); "
                            + ", ".join(f"{k} {v:.1f} s" for k, v in stages.items())
                            + f"; simulate {sim_s:.1f} s; process RSS peak {rss_gb():.1f} GB")))
@@ -531,7 +547,7 @@ def _fmt(v, spec):
 
 
 def print_table(rows, header: bool = True):
-    head = f"{'stage':<11} {'case':<62} {'s':>8} {'ref s':>8} {'GPU GB':>7} {'rel diff':>9} {'tol':>7}  value; note"
+    head = f"{'stage':<11} {'case':<62} {'s':>8} {'ref s':>8} {'GPU GiB':>7} {'rel diff':>9} {'tol':>7}  value; note"
     if header:
         print(head)
         print("-" * len(head))
