@@ -480,9 +480,10 @@ def stage_encoding(args, dev: Dev, clock: Clock, rows: list, out: dict, reserve:
     t = time.perf_counter()
     got = fit_encoding([RunData(Y[:, sub], D)], backend=dev.backend, **kw)
     dev_s = time.perf_counter() - t
-    maps = {"z": (got.z, ref.z), "cv_r": (got.cv_r, ref.cv_r), "cv_r2": (got.cv_r2, ref.cv_r2), "p": (got.p, ref.p),
-            "null_mean": (got.info["null_mean"], ref.info["null_mean"]),
-            "null_sd": (got.info["null_sd"], ref.info["null_sd"])}
+    maps = {"z": (got.z, ref.z), "cv_r": (got.cv_r, ref.cv_r), "cv_r2": (got.cv_r2, ref.cv_r2), "p": (got.p, ref.p)}
+    for key in ("null_mean", "null_sd"):  # info arrays, compared while fit_encoding returns them
+        if key in got.info and key in ref.info:
+            maps[key] = (got.info[key], ref.info[key])
     diffs = {k: rel_diff(a, b) for k, (a, b) in maps.items()}
     worst = max(diffs, key=diffs.get)
     n_flip = int((got.significant != ref.significant).sum())
@@ -625,6 +626,8 @@ def main(argv=None) -> int:
     run("encoding", stage_encoding, args, dev, clock, rows, out, 10.0 if args.quick else 60.0)
     if story is not None:
         run("dictionary:model", stage_dictionary_model, args, dev, clock, rows, out, *story)
+    elif "dictionary" in stages:
+        rows.append(dict(stage="dictionary", case="model level: not run (the story-level stage failed)"))
 
     print()
     print_table(rows)
