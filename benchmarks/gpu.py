@@ -588,7 +588,8 @@ def main(argv=None) -> int:
 
     print(f"device={dev.describe()} torch={torch.__version__} transformers={transformers.__version__} "
           f"himalaya={himalaya.__version__} python={platform.python_version()} cpu_threads={torch.get_num_threads()} "
-          f"tf32_matmul={torch.backends.cuda.matmul.allow_tf32} budget={clock.budget:.0f}s quick={int(args.quick)}",
+          f"tf32_matmul={torch.backends.cuda.matmul.allow_tf32} budget={clock.budget:.0f}s quick={int(args.quick)} "
+          f"started_after={clock.elapsed():.1f}s",
           flush=True)
     tok = load_tokenizer(args.tokenizer)
     rows: list = []
