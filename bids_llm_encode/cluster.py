@@ -94,7 +94,8 @@ def _header(name: str, log_dir: Path, args, array: Optional[str] = None) -> list
 
 def _environment(args, cache: Path) -> list[str]:
     """Lines that make the app runnable in a job; `"${APP[@]}"` is then the app (or --prepare-only)."""
-    lines = [f"export BIDS_LLM_ENCODE_CACHE={_q(cache)}"]
+    # the folders must exist before singularity can bind them
+    lines = [f"mkdir -p {_q(args.output_dir)} {_q(cache)}", f"export BIDS_LLM_ENCODE_CACHE={_q(cache)}"]
     if args.container:
         cmd = args.container_cmd
         binds = [f"-B {_q(str(args.bids_dir) + ':' + str(args.bids_dir) + ':ro')}", f"-B {_q(args.output_dir)}",

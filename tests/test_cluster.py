@@ -100,6 +100,7 @@ def test_container_gpu_labels_and_no_prepare(tmp_path):
     assert "#SBATCH --array=1-2" in part and "#SBATCH --gres=gpu:1" in part
     assert f"APP=(apptainer run --cleanenv --nv -B {ds}:{ds}:ro -B {tmp_path / 'out'} " in part and str(sif) in part
     assert "APPTAINERENV_BIDS_LLM_ENCODE_CACHE=" in part
+    assert f"mkdir -p {tmp_path / 'out'} " in part  # bind sources must exist
     # validation was asked to be skipped by the user, so it is not added a second time
     assert part.splitlines()[-1].count("--skip-bids-validation") == 1
     calls = subprocess.run(["grep", "-c", "afterok", str(scripts / "submit.sh")], capture_output=True, text=True)
