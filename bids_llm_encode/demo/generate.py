@@ -613,17 +613,29 @@ def generate_demo(out_dir, plant="word-features", n_subjects: int = 3, seed: int
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not overwrite)):
         raise CantCreateError(f"{out_dir} exists and is not an empty folder; give a new folder "
                               "(or --overwrite to replace it)")
+    # A new folder is built beside its target and renamed into place. An existing one (an empty
+    # folder, or --overwrite) may be a mount point whose parent is not writable (`-v host:/data` in a
+    # container): it is built in a hidden folder inside the target, whose contents are then moved up.
+    inside = out_dir.is_dir()
     try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        root = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+        if not inside:
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+        root = Path(tempfile.mkdtemp(dir=out_dir if inside else out_dir.parent,
+                                     prefix=f".{out_dir.name}.", suffix=".tmp"))
     except OSError as exc:
         raise CantCreateError(f"cannot create {out_dir}: {exc}") from exc
     try:
         _generate(root, plant, int(n_subjects), int(seed), cache_dir, atlas, model_options)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(root, out_dir)
-        os.chmod(out_dir, 0o755)
+        if inside:
+            for old in out_dir.iterdir():
+                if old != root:
+                    shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+            for new in root.iterdir():
+                os.replace(new, out_dir / new.name)
+            root.rmdir()
+        else:
+            os.replace(root, out_dir)
+            os.chmod(out_dir, 0o755)
     except BaseException:
         shutil.rmtree(root, ignore_errors=True)
         raise
