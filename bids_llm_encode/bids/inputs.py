@@ -17,12 +17,12 @@ import json
 import logging
 import re
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Optional
+from typing import Optional
 
 import nibabel as nib
 import numpy as np
 
-from ..config import Config
+from ..config import Config, normalize_labels
 from ..errors import DataError, MissingInputError, NoMatchError, UsageError
 from ..records import RunInputs, Story
 from .stimuli import load_story, read_events_words
@@ -32,63 +32,8 @@ log = logging.getLogger(__name__)
 __all__ = ["normalize_labels", "find_runs", "run_summary", "load_filters", "story_name",
            "timing_candidates"]
 
-_LABEL = re.compile(r"^[A-Za-z0-9]+$")
 _ENTITIES_MATCHED = ("subject", "session", "task", "run", "acquisition", "echo", "direction",
                      "reconstruction", "ceagent")
-
-
-def normalize_labels(values: Optional[Iterable[str] | str], prefix: str) -> list[str]:
-    """Labels without their BIDS prefix, read from files where a value is a file path.
-
-    Parameters
-    ----------
-    values : str or iterable of str or None
-        Labels (``"01"``, ``"sub-01"``), or paths to text files with one label per
-        line (blank lines and ``#`` comments skipped). Whitespace/comma separated
-        labels in one string are split.
-    prefix : str
-        ``"sub"``, ``"ses"``, ``"task"`` (with or without the ``-``).
-
-    Returns
-    -------
-    list of str
-        Unique labels in the given order.
-
-    Raises
-    ------
-    UsageError
-        A label that is not alphanumeric after removing the prefix.
-    """
-    if values is None:
-        return []
-    if isinstance(values, (str, Path)):
-        values = [values]
-    pre = prefix if prefix.endswith("-") else prefix + "-"
-    out: list[str] = []
-    for value in values:
-        value = str(value).strip()
-        if not value:
-            continue
-        path = Path(value).expanduser()
-        if path.is_file():
-            items = []
-            for line in path.read_text().splitlines():
-                line = line.split("#", 1)[0].strip()
-                if line:
-                    items.extend(re.split(r"[\s,]+", line))
-            source = f" (in {path})"
-        else:
-            items, source = re.split(r"[\s,]+", value), ""
-        for item in items:
-            if not item:
-                continue
-            label = item[len(pre):] if item.startswith(pre) else item
-            if not _LABEL.match(label):
-                raise UsageError(f"invalid {pre[:-1]} label {item!r}{source}: labels are alphanumeric "
-                                 f"(with an optional '{pre}' prefix)")
-            if label not in out:
-                out.append(label)
-    return out
 
 
 def load_filters(path: Optional[Path]) -> dict:

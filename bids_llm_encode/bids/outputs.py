@@ -42,7 +42,7 @@ import numpy as np
 
 from .. import __version__
 from ..cache import file_lock
-from ..config import Config
+from ..config import Config, check_output_location
 from ..errors import CantCreateError, DataError, IOFailure, UsageError
 
 log = logging.getLogger(__name__)
@@ -276,10 +276,8 @@ class DerivativesWriter:
             candidate = self.source_dataset / "derivatives" / "fmriprep"
             deriv = candidate if candidate.is_dir() else None
         self.derivatives_dir = Path(os.path.abspath(deriv)) if deriv is not None else None
-        if self.source_dataset is not None and self.output_dir == self.source_dataset:
-            raise UsageError(f"the output folder {self.output_dir} is the input BIDS dataset; the input "
-                             "is read only: give another output folder (e.g. bids_dir/derivatives/"
-                             f"{PIPELINE_NAME}).")
+        # resolved paths (symbolic links followed), before anything is created: the input is read only
+        check_output_location(self.output_dir, self.source_dataset, getattr(config, "derivatives", None))
         self._ignored: set[str] = set()
         self._make_output_dir()
         self._update_dataset_description()

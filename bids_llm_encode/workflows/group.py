@@ -22,7 +22,7 @@ import pandas as pd
 
 from ..bids.outputs import DerivativesWriter
 from ..cache import Cache, cache_root
-from ..config import Config
+from ..config import Config, normalize_labels
 from ..errors import MissingInputError, NoMatchError
 from .participant import ParticipantFiles, label, model_label, unmask
 
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 def _participant_stories(writer: DerivativesWriter, config: Config) -> dict[str, list[dict]]:
     """story -> entities (sub, ses, task) of every participant output found, from the run summaries."""
     out: dict[str, list[dict]] = defaultdict(list)
-    wanted = {s.removeprefix("sub-") for s in config.participant_label}
+    wanted = set(normalize_labels(config.participant_label, "sub"))  # labels or a file of labels
     for folder in sorted(writer.output_dir.glob("sub-*")):
         if not folder.is_dir():
             continue
