@@ -24,7 +24,8 @@ from ..bids.outputs import DerivativesWriter
 from ..cache import Cache, cache_root
 from ..config import Config, normalize_labels
 from ..errors import MissingInputError, NoMatchError
-from .participant import ParticipantFiles, label, model_label, unmask
+from ..bids.images import unmask
+from .participant import ParticipantFiles, label, model_label
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from ..bids.images import AFFINE_ATOL_MM, check_mask, load_bold, unmask
 from ..bids.inputs import find_runs, run_summary
 from ..bids.outputs import DerivativesWriter
 from ..bids.validate import validate_dataset
@@ -150,8 +151,7 @@ class Participant:
         ent = {k: v for k, v in runs[0].entities.items() if k != "run"}
         data = []
         for r in runs:
-            img = nib.load(r.bold)
-            Y = np.asarray(img.dataobj, dtype=np.float32)[mask].T  # (frames, voxels)
+            Y = load_bold(r.bold, mask)  # (frames, voxels); a broken file is exit 65 naming it
             conf, sample_mask = load_confounds(r.bold, r.confounds, cfg.confounds_strategy, cfg.scrub)
             design = stimulus.run_design(r.frame_times - r.story_onset, story, acts, dic, cfg)
             writer.write_tsv(pd.DataFrame(design, columns=atom_names(dic.n_atoms)),
@@ -337,29 +337,16 @@ def write_stimulus_outputs(writer: DerivativesWriter, story: Story, acts: WordAc
                       card_path, src)
 
 
-def unmask(values: np.ndarray, mask_img, dtype=np.float32, outside: float = 0) -> nib.Nifti1Image:
-    """Put mask-ordered voxel values back into the mask's 3D grid (``outside`` elsewhere)."""
-    mask = np.asarray(mask_img.dataobj) > 0
-    out = np.full(mask.shape, outside, dtype=dtype)
-    out[mask] = np.nan_to_num(np.asarray(values, dtype=np.float64)).astype(dtype)
-    img = nib.Nifti1Image(out, mask_img.affine)
-    img.header.set_xyzt_units("mm")
-    return img
-
-
 def _common_mask(runs: list[RunInputs]) -> nib.Nifti1Image:
-    """The intersection of the runs' brain masks (they must share a grid)."""
-    first = nib.load(runs[0].mask)
+    """The intersection of the runs' brain masks (they must share a grid; each is on its BOLD's)."""
+    first = check_mask(runs[0].mask, runs[0].bold)
     mask = np.asarray(first.dataobj) > 0
     for r in runs:
-        img = nib.load(r.mask)
-        if img.shape[:3] != first.shape[:3] or not np.allclose(img.affine, first.affine, atol=1e-3):
+        img = check_mask(r.mask, r.bold)
+        if img.shape[:3] != first.shape[:3] or not np.allclose(img.affine, first.affine,
+                                                               atol=AFFINE_ATOL_MM, rtol=0):
             raise DataError(f"{r.mask}: brain mask grid differs from {runs[0].mask}; runs of one "
                             "story must be in the same space and resolution")
-        bold = nib.load(r.bold)
-        if bold.shape[:3] != first.shape[:3]:
-            raise DataError(f"{r.bold}: BOLD grid {bold.shape[:3]} differs from its mask "
-                            f"{r.mask} {first.shape[:3]}")
         mask &= np.asarray(img.dataobj) > 0
     if not mask.any():
         raise DataError(f"{runs[0].mask}: the brain mask is empty")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from ..bids.images import unmask
 from ..config import Config
 from ..records import RunInputs
 from ..report import figures as fig
@@ -64,8 +65,6 @@ def participant_story_sections(report, result, cfg: Config, writer) -> None:
                    "max in-sample R²": round(float(np.nanmax(enc.in_sample_r2)), 3)})
     sec.figure(fig.cv_r_histogram(enc.cv_r, enc.significant),
                "Cross-validated prediction accuracy over voxels; significant voxels highlighted.")
-    from .participant import unmask
-
     sec.figure(fig.glass_brain(unmask(np.where(enc.significant, enc.cv_r, 0), result.mask_img),
                                "CV r (FDR-significant voxels)", threshold=1e-6),
                "Best-predicted voxels: cross-validated r where it is significant.")
