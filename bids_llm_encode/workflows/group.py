@@ -62,6 +62,7 @@ def run_group_level(config: Config) -> None:
             "missing). Run the participant level into this folder first.")
     cache = Cache(cache_root(config))
     writer = DerivativesWriter(config.output_dir, config)
+    writer.remove_temps(writer.output_dir / "group")  # leftovers of a killed group run
     writer.write_config(config.resolved(), "group")
     stories = _participant_stories(writer, config)
     if not stories:
@@ -71,9 +72,18 @@ def run_group_level(config: Config) -> None:
 
     report = Report("Group report", subtitle=f"model {config.model} · {len(stories)} story(ies)")
     all_metrics = {}
+    skipped = []
     for story, entities in sorted(stories.items()):
         log.info("group: story %s, %d participant output(s)", story, len(entities))
-        all_metrics[story] = GroupStory(story, entities, config, cache, writer, report).run()
+        try:
+            all_metrics[story] = GroupStory(story, entities, config, cache, writer, report).run()
+        except MissingInputError as exc:  # e.g. every participant of the story was interrupted
+            if len(stories) == 1:
+                raise
+            log.warning("group: story %s skipped: %s", story, exc)
+            skipped.append(f"{story}: {exc}")
+    if not all_metrics:
+        raise MissingInputError("no story has complete participant outputs:\n  " + "\n  ".join(skipped))
     comparison = compare_models(config, writer, report, all_metrics)
     report.summary({"stories": len(stories), "participants": len({e["sub"] for v in stories.values()
                                                                   for e in v}),
@@ -103,21 +113,29 @@ class GroupStory:
         cfg, writer, story = self.config, self.writer, self.story
         model = model_label(cfg)
         atoms_tsv = writer.story_path(story, model, "atoms.tsv")
-        if not atoms_tsv.exists():
-            raise MissingInputError(f"{atoms_tsv}: the story's atoms are missing; run the participant "
-                                    f"level with --model {cfg.model} into this folder first")
+        for f in (atoms_tsv, writer.story_path(story, model, "modelcard.json"),
+                  writer.story_path(story, model, "subgroups.tsv")):
+            if not f.exists():
+                raise MissingInputError(f"{f}: the story's atoms are missing (a participant run with "
+                                        f"--model {cfg.model} was interrupted, or none ran); run the "
+                                        "participant level into this folder first")
         atoms_df = pd.read_csv(atoms_tsv, sep="\t")
         names = [c for c in atoms_df.columns if c.startswith("atom")]
         atoms = atoms_df[names].to_numpy()
         card = json.loads(writer.story_path(story, model, "modelcard.json").read_text())
         sub_df = pd.read_csv(writer.story_path(story, model, "subgroups.tsv"), sep="\t")
 
-        ents = [e for e in self.entities if self._map(e, desc="atom00", stat="effect").exists()]
-        missing = [e["sub"] for e in self.entities if e not in ents]
-        if missing:
-            log.warning("story %s: no atom maps for sub-%s; skipped", story, ", sub-".join(missing))
+        ents = []
+        for e in self.entities:  # a participant killed while writing its maps has only some of them
+            absent = [f for f in self._needed(e, names) if not f.exists()]
+            if absent:
+                log.warning("story %s: sub-%s skipped: its outputs are incomplete (%d missing, e.g. %s); "
+                            "rerun the participant level for it", story, e["sub"], len(absent), absent[0])
+            else:
+                ents.append(e)
         if not ents:
-            raise MissingInputError(f"story {story}: no participant has atom maps in {writer.output_dir}")
+            raise MissingInputError(f"story {story}: no participant has complete atom maps in "
+                                    f"{writer.output_dir}; run (or rerun) the participant level first")
         masks = [nib.load(self.files.fdr_mask(e)) for e in ents]
         brain = self._group_mask(ents)
         mask = np.asarray(brain.dataobj) > 0
@@ -232,6 +250,13 @@ class GroupStory:
                 sec.note("No group atom map overlaps a network beyond the spatial null.", kind="info")
             sec.keyvalues({k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
         return metrics_out
+
+    def _needed(self, ent: dict, names: list[str]) -> list[Path]:
+        """Every participant file the group level reads for this story."""
+        out = [self._map(ent, desc=name, stat=stat) for name in names for stat in ("effect", "z")]
+        out += [self._map(ent, desc="cv", stat="r"), self._map(ent, desc="cv", stat="rsquared"),
+                self.files.fdr_mask(ent)]
+        return out
 
     def _group_mask(self, ents) -> nib.Nifti1Image:
         masks = [nib.load(self._map(e, desc="cv", stat="r")) for e in ents]

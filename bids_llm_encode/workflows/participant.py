@@ -65,6 +65,7 @@ def run_participant_level(config: Config) -> None:
     writer = DerivativesWriter(config.output_dir, config)
     for i, subject in enumerate(sorted(by_subject), 1):
         log.info("[%d/%d] participant sub-%s", i, len(by_subject), subject)
+        writer.remove_temps(writer.subject_dir(subject))  # leftovers of a killed run of this participant
         writer.write_config(config.resolved(), "participant", subject)
         Participant(subject, by_subject[subject], config, cache, writer).run()
     log.info("participant level done in %.0f s; outputs in %s", time.perf_counter() - t0,
