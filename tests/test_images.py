@@ -219,3 +219,26 @@ def test_directory_cycle_symlink_counts_each_file_once(tmp_path, caplog):
     assert len(runs) == 1
     assert runs[0].bold == root / BOLD and runs[0].raw_bold.parent == root / "sub-01" / "func"
     assert "counted once" in caplog.text
+
+
+def test_participant_writes_nan_variance_as_nan(tmp_path):
+    """NaN variance means "not estimable": it stays NaN in the map; effect and z write 0 there."""
+    from bids_llm_encode.bids.outputs import DerivativesWriter
+    from bids_llm_encode.records import EncodingResult
+    from bids_llm_encode.workflows.participant import Participant
+
+    root = make_layout(tmp_path / "ds")
+    out = tmp_path / "out"
+    config = Config(bids_dir=root, output_dir=out, analysis_level="participant")
+    writer = DerivativesWriter(out, config)
+    mask_img = nib.Nifti1Image(np.ones((2, 1, 1), dtype=np.uint8), np.eye(4))
+    one = np.array([[0.5, np.nan]])
+    enc = EncodingResult(effect=one, variance=one, z=one, cv_r=one[0], cv_r2=one[0], p=one[0],
+                         significant=np.array([True, False]), in_sample_r2=one[0], noise_ceiling=None,
+                         design=np.zeros((3, 1)), info={})
+    p = Participant("01", [], config, None, writer)
+    p.write_encoding_maps(enc, mask_img, {"sub": "01", "task": "pieman"}, [])
+    var = np.asarray(nib.load(p.files.statmap({"sub": "01", "task": "pieman"}, "atom00", "variance")).dataobj)
+    z = np.asarray(nib.load(p.files.statmap({"sub": "01", "task": "pieman"}, "atom00", "z")).dataobj)
+    assert var.ravel()[0] == 0.5 and np.isnan(var.ravel()[1])
+    assert z.ravel().tolist() == [0.5, 0.0]

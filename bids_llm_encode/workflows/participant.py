@@ -187,7 +187,7 @@ class Participant:
                                         "unit of the z-scored atom regressor)"),
                                        ("variance", enc.variance[k], "variance of the effect"),
                                        ("z", enc.z[k], "z statistic of the effect (AR(1) errors)")):
-                writer.write_nifti(unmask(values, mask_img),
+                writer.write_nifti(unmask(values, mask_img, nan=None if stat == "variance" else 0.0),
                                    self.files.statmap(ent, name, stat),
                                    {"Description": f"Atom {k}: {what}.", "Atom": k, "Statistic": stat,
                                     "Model": cfg.model, **info}, sources)
