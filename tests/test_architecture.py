@@ -86,3 +86,19 @@ def test_walker_finds_a_cycle_when_there_is_one():
 def test_no_import_cycle():
     cycle = find_cycle(import_graph())
     assert cycle is None, " -> ".join(cycle)
+
+
+def test_output_names_come_from_one_module():
+    """Only bids/outputs.py composes output paths (OutputFiles + DerivativesWriter)."""
+    import re
+
+    composing = re.compile(r"\.(story_path|group_path|report_path|group_report_path|config_path)\(|"
+                           r"writer\.path\(|_statmap\.nii|_mask\.nii")
+    offenders = []
+    for name, path in _modules().items():
+        if name in ("bids_llm_encode.bids.outputs", "bids_llm_encode.bids.inputs") or ".demo" in name:
+            continue  # inputs.py names fMRIPrep's *input* files in messages; the demo writes a dataset
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            if composing.search(line) and not line.lstrip().startswith("#"):
+                offenders.append(f"{path.name}:{lineno}: {line.strip()}")
+    assert offenders == []

@@ -863,6 +863,82 @@ class DerivativesWriter:
         return self.write_json(dict(resolved), self.config_path(level, subject))
 
 
-__all__ = ["DerivativesWriter", "detect_container", "remove_stale_temps", "is_temp_name", "TEMP_RE",
+# --------------------------------------------------------------------------- names of every output
+
+
+def label(text: str) -> str:
+    """A BIDS label (letters and digits) from a free name: ``smollm2-135m`` -> ``smollm2135m``."""
+    return re.sub(r"[^0-9A-Za-z]", "", text)
+
+
+def model_label(config: Config) -> str:
+    """The model's name in file and folder names (a path's stem for local models)."""
+    name = Path(config.model).name if ("/" in config.model or config.model.endswith(".gguf")) \
+        else config.model
+    name = re.sub(r"\.gguf$", "", name)
+    return re.sub(r"[^0-9A-Za-z.-]", "-", name)
+
+
+class OutputFiles:
+    """The name of every output, participant, stimulus and group level (the one place).
+
+    ``ent`` is a story's entities without space (sub, ses, task); maps add the
+    space. The participant level writes and the group level reads through the
+    same methods; the writer (:meth:`DerivativesWriter.path`, ``story_path``,
+    ``group_path``) turns them into paths inside ``output_dir``.
+    (``workflows.participant.ParticipantFiles`` is this class.)
+    """
+
+    def __init__(self, writer: DerivativesWriter, space: str):
+        self.writer, self.space = writer, space
+
+    # participant level: output_dir/sub-X/[ses-Y/]func/
+    def summary(self, subject: str) -> Path:
+        return self.writer.path({"sub": subject, "desc": "runs"}, "summary", ".tsv")
+
+    def design(self, run_entities: dict) -> Path:
+        return self.writer.path(dict(run_entities, desc="atoms"), "design", ".tsv")
+
+    def statmap(self, ent: dict, desc: str, stat: str) -> Path:
+        return self.writer.path(dict(ent, space=self.space, desc=desc, stat=stat), "statmap", ".nii.gz")
+
+    def fdr_mask(self, ent: dict) -> Path:
+        return self.writer.path(dict(ent, space=self.space, desc="cvfdr"), "mask", ".nii.gz")
+
+    def table(self, ent: dict, atlas: str, suffix: str, extension: str = ".tsv") -> Path:
+        return self.writer.path(dict(ent, desc=label(atlas)), suffix, extension)
+
+    # stimulus level: output_dir/stimuli/<story>/model-<model>/
+    STORY_FILES = {"modelcard": "modelcard.json", "atoms": "atoms.tsv", "loadings": "loadings.npz",
+                   "loadings_table": "loadings.tsv", "subgroups": "subgroups.tsv", "neurons": "neurons.npy"}
+
+    def story(self, story: str, model: str, kind: str) -> Path:
+        """``kind`` one of :attr:`STORY_FILES` (``atoms``, ``modelcard``, ...)."""
+        if kind not in self.STORY_FILES:
+            raise ValueError(f"unknown stimulus file {kind!r}; known: {sorted(self.STORY_FILES)}")
+        return self.writer.story_path(story, model, self.STORY_FILES[kind])
+
+    # reports: output_dir/sub-X.html, output_dir/group.html
+    def report(self, subject: str) -> Path:
+        return self.writer.report_path(subject)
+
+    def group_report(self) -> Path:
+        return self.writer.group_report_path()
+
+    # group level: output_dir/group/<story>/
+    def group_statmap(self, story: str, desc: str, stat: str) -> Path:
+        return self.writer.group_path(
+            f"task-{label(story)}_space-{label(self.space)}_desc-{label(desc)}_stat-{label(stat)}"
+            "_statmap.nii.gz", story)
+
+    def group_table(self, story: str, atlas: str, suffix: str, extension: str = ".tsv") -> Path:
+        return self.writer.group_path(f"task-{label(story)}_desc-{label(atlas)}_{label(suffix)}{extension}",
+                                      story)
+
+    def model_comparison(self) -> Path:
+        return self.writer.group_path("model_comparison.tsv")
+
+
+__all__ = ["DerivativesWriter", "OutputFiles", "label", "model_label", "detect_container", "remove_stale_temps", "is_temp_name", "TEMP_RE",
            "STALE_TEMP_AGE_S", "ENTITY_ORDER", "BIDSIGNORE_PATTERNS",
            "STANDARD_SUFFIXES", "BIDS_VERSION", "CODE_URL"]

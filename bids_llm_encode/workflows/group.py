@@ -20,12 +20,11 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from ..bids.outputs import DerivativesWriter
+from ..bids.outputs import DerivativesWriter, OutputFiles, label, model_label
 from ..cache import Cache, cache_root
 from ..config import Config, normalize_labels
 from ..errors import MissingInputError, NoMatchError
 from ..bids.images import unmask
-from .participant import ParticipantFiles, label, model_label
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +39,7 @@ def _participant_stories(writer: DerivativesWriter, config: Config) -> dict[str,
         sub = folder.name[4:]
         if wanted and sub not in wanted:
             continue
-        summary = ParticipantFiles(writer, config.space).summary(sub)
+        summary = OutputFiles(writer, config.space).summary(sub)
         if not summary.exists():
             log.warning("sub-%s: no run summary (%s); skipped", sub, summary.name)
             continue
@@ -89,15 +88,15 @@ def run_group_level(config: Config) -> None:
                                                                   for e in v}),
                     "model": config.model, "models compared": len(comparison) if comparison is not None
                     else 1})
-    writer.write_text(report.to_html(), writer.group_report_path())
-    log.info("group level done in %.0f s: %s", time.perf_counter() - t0, writer.group_report_path())
+    html = writer.write_text(report.to_html(), OutputFiles(writer, config.space).group_report())
+    log.info("group level done in %.0f s: %s", time.perf_counter() - t0, html)
 
 
 class GroupStory:
     def __init__(self, story, entities, config, cache, writer, report):
         self.story, self.entities, self.config = story, entities, config
         self.cache, self.writer, self.report = cache, writer, report
-        self.files = ParticipantFiles(writer, config.space)
+        self.files = OutputFiles(writer, config.space)
 
     def _map(self, ent: dict, desc: str, stat: str) -> Path:
         return self.files.statmap(ent, desc, stat)
@@ -112,9 +111,9 @@ class GroupStory:
 
         cfg, writer, story = self.config, self.writer, self.story
         model = model_label(cfg)
-        atoms_tsv = writer.story_path(story, model, "atoms.tsv")
-        for f in (atoms_tsv, writer.story_path(story, model, "modelcard.json"),
-                  writer.story_path(story, model, "subgroups.tsv")):
+        atoms_tsv = self.files.story(story, model, "atoms")
+        for f in (atoms_tsv, self.files.story(story, model, "modelcard"),
+                  self.files.story(story, model, "subgroups")):
             if not f.exists():
                 raise MissingInputError(f"{f}: the story's atoms are missing (a participant run with "
                                         f"--model {cfg.model} was interrupted, or none ran); run the "
@@ -122,8 +121,8 @@ class GroupStory:
         atoms_df = pd.read_csv(atoms_tsv, sep="\t")
         names = [c for c in atoms_df.columns if c.startswith("atom")]
         atoms = atoms_df[names].to_numpy()
-        card = json.loads(writer.story_path(story, model, "modelcard.json").read_text())
-        sub_df = pd.read_csv(writer.story_path(story, model, "subgroups.tsv"), sep="\t")
+        card = json.loads(self.files.story(story, model, "modelcard").read_text())
+        sub_df = pd.read_csv(self.files.story(story, model, "subgroups"), sep="\t")
 
         ents = []
         for e in self.entities:  # a participant killed while writing its maps has only some of them
@@ -173,8 +172,7 @@ class GroupStory:
                        "effect: fixed effects, inference about these participants only")
             group_z[k] = np.asarray(z_img.dataobj)[mask]
             for stat, img in (("z", z_img), ("effect", eff_img)):
-                writer.write_nifti(img, writer.group_path(
-                    f"task-{label(story)}_space-{cfg.space}_desc-{name}_stat-{stat}_statmap.nii.gz", story),
+                writer.write_nifti(img, self.files.group_statmap(story, name, stat),
                     {"Description": f"Group {stat} map of atom {k}: {how}.", "GroupModel":
                      "random" if random_fx else "fixed", "Participants": [e["sub"] for e in ents]},
                     effects)
@@ -183,8 +181,7 @@ class GroupStory:
                           for e in ents])
         mean_r2 = cv_r2.mean(axis=0)
         sig_frac = np.mean([np.asarray(m.dataobj)[mask] > 0 for m in masks], axis=0)
-        writer.write_nifti(unmask(sig_frac, brain), writer.group_path(
-            f"task-{label(story)}_space-{cfg.space}_desc-cvfdr_stat-fraction_statmap.nii.gz", story),
+        writer.write_nifti(unmask(sig_frac, brain), self.files.group_statmap(story, "cvfdr", "fraction"),
             {"Description": "Fraction of participants whose CV r is FDR-significant in each voxel."},
             [self.files.fdr_mask(e) for e in ents])
 
@@ -218,21 +215,20 @@ class GroupStory:
             summary, per_network = organization_metrics(corr, atoms, sub_df, float(card["dictionary_r2"]),
                                                         mean_r2, networks=list(atlas.labels))
             summary = dict(summary, atlas=atlas.name, model=cfg.model, story=story, participants=n)
-            base = f"task-{label(story)}_desc-{desc}"
             meta = {"Atlas": atlas.name, "MapThreshold": cfg.map_threshold, "Participants": n}
-            writer.write_tsv(corr, writer.group_path(f"{base}_overlap.tsv", story),
+            writer.write_tsv(corr, self.files.group_table(story, atlas.name, "overlap"),
                              {"Description": "Overlap of each group atom z map with each network.", **meta},
                              sources)
-            writer.write_tsv(links, writer.group_path(f"{base}_links.tsv", story),
+            writer.write_tsv(links, self.files.group_table(story, atlas.name, "links"),
                              {"Description": "Group atom -> network links.", **meta}, sources)
-            writer.write_tsv(agreement, writer.group_path(f"{base}_agreement.tsv", story),
+            writer.write_tsv(agreement, self.files.group_table(story, atlas.name, "agreement"),
                              {"Description": "Per atom x network x sign: how many participants show the "
                               "link, and how alike their thresholded maps are (mean pairwise Dice).",
                               **meta}, sources)
-            writer.write_tsv(per_network, writer.group_path(f"{base}_networks.tsv", story),
+            writer.write_tsv(per_network, self.files.group_table(story, atlas.name, "networks"),
                              {"Description": "Organization metrics per network (group links).", **meta},
                              sources)
-            writer.write_json(summary, writer.group_path(f"{base}_metrics.json", story), sources)
+            writer.write_json(summary, self.files.group_table(story, atlas.name, "metrics", ".json"), sources)
             metrics_out[atlas.name] = summary
             log.info("group %s %s: %d link(s)", story, atlas.name, len(links))
 
@@ -288,7 +284,7 @@ def compare_models(config: Config, writer: DerivativesWriter, report, own: dict)
             rows.append(dict(json.loads(f.read_text()), output_dir=str(other)))
     table = pd.DataFrame([{k: v for k, v in row.items() if not isinstance(v, (dict, list))}
                           for row in rows])
-    writer.write_tsv(table, writer.group_path("model_comparison.tsv"),
+    writer.write_tsv(table, OutputFiles(writer, config.space).model_comparison(),
                      {"Description": "Organization metrics of each model (one row per output folder, "
                       "story and atlas), side by side."}, [Path(p) for p in config.compare])
     sec = report.add_section("Model comparison", anchor="model-comparison")

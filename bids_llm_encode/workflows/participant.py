@@ -11,11 +11,10 @@ Only this module (and ``group.py``) knows the order of stages.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path  # noqa: F401
 
 import nibabel as nib
 import numpy as np
@@ -23,7 +22,8 @@ import pandas as pd
 
 from ..bids.images import AFFINE_ATOL_MM, check_mask, load_bold, unmask
 from ..bids.inputs import find_runs, run_summary
-from ..bids.outputs import DerivativesWriter
+from ..bids.outputs import DerivativesWriter, label, model_label  # noqa: F401 - label: for importers
+from ..bids.outputs import OutputFiles as ParticipantFiles
 from ..bids.validate import validate_dataset
 from ..cache import Cache, cache_root
 from ..config import Config
@@ -32,19 +32,6 @@ from ..records import Atlas, Dictionary, EncodingResult, RunInputs, Story, WordA
 from . import stimulus
 
 log = logging.getLogger(__name__)
-
-
-def label(text: str) -> str:
-    """A BIDS label (letters and digits) from a free name: ``smollm2-135m`` -> ``smollm2135m``."""
-    return re.sub(r"[^0-9A-Za-z]", "", text)
-
-
-def model_label(config: Config) -> str:
-    """The model's name in file and folder names (a path's stem for local models)."""
-    name = Path(config.model).name if ("/" in config.model or config.model.endswith(".gguf")) \
-        else config.model
-    name = re.sub(r"\.gguf$", "", name)
-    return re.sub(r"[^0-9A-Za-z.-]", "-", name)
 
 
 def run_participant_level(config: Config) -> None:
@@ -114,7 +101,7 @@ class Participant:
             participant_story_sections(report, result, cfg, self.writer)
         report.summary({"participant": f"sub-{self.subject}", "runs": len(self.runs),
                         "stories": len(groups), "model": cfg.model})
-        self.writer.write_text(report.to_html(), self.writer.report_path(self.subject))
+        self.writer.write_text(report.to_html(), self.files.report(self.subject))
 
     # ------------------------------------------------------------------ inputs
     def write_summary(self) -> pd.DataFrame:
@@ -260,32 +247,6 @@ def atom_names(n_atoms: int) -> list[str]:
     return [f"atom{k:02d}" for k in range(n_atoms)]
 
 
-class ParticipantFiles:
-    """Which entities each participant-level output carries (the writer composes the names).
-
-    ``ent`` is a story's entities without space (sub, ses, task); maps add the space.
-    The group level reads through the same methods.
-    """
-
-    def __init__(self, writer: DerivativesWriter, space: str):
-        self.writer, self.space = writer, space
-
-    def summary(self, subject: str) -> Path:
-        return self.writer.path({"sub": subject, "desc": "runs"}, "summary", ".tsv")
-
-    def design(self, run_entities: dict) -> Path:
-        return self.writer.path(dict(run_entities, desc="atoms"), "design", ".tsv")
-
-    def statmap(self, ent: dict, desc: str, stat: str) -> Path:
-        return self.writer.path(dict(ent, space=self.space, desc=desc, stat=stat), "statmap", ".nii.gz")
-
-    def fdr_mask(self, ent: dict) -> Path:
-        return self.writer.path(dict(ent, space=self.space, desc="cvfdr"), "mask", ".nii.gz")
-
-    def table(self, ent: dict, atlas: str, suffix: str, extension: str = ".tsv") -> Path:
-        return self.writer.path(dict(ent, desc=label(atlas)), suffix, extension)
-
-
 def write_stimulus_outputs(writer: DerivativesWriter, story: Story, acts: WordActivations,
                            dic: Dictionary, sub_df: pd.DataFrame, cfg: Config) -> None:
     """The per-story, per-model files shared by all participants.
@@ -299,8 +260,8 @@ def write_stimulus_outputs(writer: DerivativesWriter, story: Story, acts: WordAc
     from ..cache import digest
     from ..patterns.subgroups import loadings_table
 
-    model = model_label(cfg)
-    card_path = writer.story_path(story.name, model, "modelcard.json")
+    model, files = model_label(cfg), ParticipantFiles(writer, cfg.space)
+    card_path = files.story(story.name, model, "modelcard")
     settings = digest(acts.card.get("cache_key"), dic.atoms.shape, dic.alpha, cfg.n_atoms, cfg.sparsity,
                       cfg.seed, cfg.atom_tr, cfg.hrf, cfg.subgroup)
     if card_path.exists():
@@ -312,23 +273,23 @@ def write_stimulus_outputs(writer: DerivativesWriter, story: Story, acts: WordAc
     names = atom_names(dic.n_atoms)
     atoms = pd.DataFrame(dic.atoms, columns=names)
     atoms.insert(0, "time", dic.frame_times)
-    writer.write_tsv(atoms, writer.story_path(story.name, model, "atoms.tsv"),
+    writer.write_tsv(atoms, files.story(story.name, model, "atoms"),
                      {"Description": "Atom time courses (dictionary D, unit-norm columns) on the story's "
                       "reference grid.", "time": {"Description": "time from the start of the story "
                       "audio", "Units": "s"}, "DictionaryR2": dic.r2, "Objective": dic.objective,
                       "Alpha": dic.alpha}, src)
-    writer.write_npz(dic.loadings, writer.story_path(story.name, model, "loadings.npz"),
+    writer.write_npz(dic.loadings, files.story(story.name, model, "loadings"),
                      {"Description": "Sparse loadings A (atoms x neurons), scipy.sparse CSR "
                       "(scipy.sparse.load_npz)."}, src)
     writer.write_tsv(loadings_table(dic.loadings, acts.layer, acts.unit),
-                     writer.story_path(story.name, model, "loadings.tsv"),
+                     files.story(story.name, model, "loadings_table"),
                      {"Description": "Non-zero loadings, long format: atom, neuron (column of X), "
                       "layer, unit within layer, loading."}, src)
-    writer.write_tsv(sub_df, writer.story_path(story.name, model, "subgroups.tsv"),
+    writer.write_tsv(sub_df, files.story(story.name, model, "subgroups"),
                      {"Description": f"AN sub-group of each atom ({cfg.subgroup}): size, signs and "
                       "histogram over layers."}, src)
     X = stimulus.neuron_series(story, acts, dic.frame_times, cfg)
-    writer.write_npy(X.astype(np.float16), writer.story_path(story.name, model, "neurons.npy"),
+    writer.write_npy(X.astype(np.float16), files.story(story.name, model, "neurons"),
                      {"Description": "Neuron frame series X (frames x neurons, z-scored, float16) on "
                       "the reference grid of atoms.tsv; numpy.load. Columns follow loadings.tsv's "
                       "neuron index.", "FrameTimes": dic.frame_times.tolist()}, src)
