@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cv-folds", type=int, default=None)
     e.add_argument("--n-permutations", type=int, default=None)
     e.add_argument("--fdr-alpha", type=float, default=None)
+    e.add_argument("--atom-model", choices=["marginal", "joint"], default=None,
+                   help="atom maps: each atom alone (marginal, default) or all atoms in one model (joint)")
 
     n = p.add_argument_group("networks")
     n.add_argument("--fbn-atlas", nargs="+", default=None,

@@ -28,6 +28,7 @@ CHOICES = {
     "word_pooling": ("last", "mean"),
     "hrf": ("spm", "glover"),
     "group_model": ("random", "fixed"),
+    "atom_model": ("marginal", "joint"),
     # the same tuple as encoding.confounds.STRATEGIES (kept here so that checking options
     # imports no nilearn; tests/test_config.py checks that they agree)
     "confounds_strategy": ("narratives", "simple", "compcor", "scrubbing"),
@@ -82,6 +83,7 @@ class Config:
     cv_folds: int = 5
     n_permutations: int = 100  # circular shifts; p from a normal fitted to them (docs/encoding.md)
     fdr_alpha: float = 0.05
+    atom_model: str = "marginal"  # marginal | joint: what each atom's z map is (docs/encoding.md)
     # networks (section 5)
     fbn_atlas: list[str] = field(default_factory=lambda: ["CA12", "Yeo7"])
     map_threshold: float = 3.1

@@ -161,7 +161,10 @@ class EncodingResult:
     effect : ndarray, shape (n_atoms, n_voxels)
         OLS coefficients (z-scored BOLD per z-scored regressor).
     variance : ndarray, shape (n_atoms, n_voxels)
+        Variance of the effect: by default its mean square under the
+        circular-shift null (``info['atom_null']``); NaN where not estimable.
     z : ndarray, shape (n_atoms, n_voxels)
+        Calibrated on null data (docs/encoding.md).
     cv_r, cv_r2 : ndarray, shape (n_voxels,)
         Cross-validated prediction accuracy (ridge, held-out blocks or runs).
     p : ndarray, shape (n_voxels,)
@@ -170,9 +173,14 @@ class EncodingResult:
         FDR-controlled at ``info['fdr_alpha']``.
     in_sample_r2 : ndarray, shape (n_voxels,)
     noise_ceiling : ndarray or None, shape (n_voxels,)
-        Between-repeat correlation when the story was heard more than once.
+        Ceiling of a single-run prediction's r, ``sqrt(max(r_repeat, 0))``, when the
+        story was heard more than once (story frames only, aligned by story time).
     design : ndarray, shape (n_frames_total, n_atoms)
         The regressors as fitted (runs stacked).
+    in_sample_r2_chance : ndarray or None, shape (n_voxels,)
+        Mean in-sample R^2 of the same OLS fit under the circular-shift null:
+        the chance level of ``in_sample_r2`` (64 atoms on ~300 frames reach ~0.2
+        with no signal).
     """
 
     effect: np.ndarray
@@ -185,6 +193,7 @@ class EncodingResult:
     in_sample_r2: np.ndarray
     noise_ceiling: Optional[np.ndarray]
     design: np.ndarray
+    in_sample_r2_chance: Optional[np.ndarray] = None
     info: dict = field(default_factory=dict)
 
 

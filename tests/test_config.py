@@ -60,7 +60,7 @@ def test_bad_option_exit_64_before_anything(dataset, tmp_path, capsys, argv, opt
 
 @pytest.mark.parametrize("key,value", [
     ("device", "tpu"), ("dtype", "float8"), ("neurons", "attention"), ("word_pooling", "max"),
-    ("hrf", "fir"), ("group_model", "mixed"), ("confounds_strategy", "full"),
+    ("hrf", "fir"), ("group_model", "mixed"), ("confounds_strategy", "full"), ("atom_model", "both"),
     ("n_atoms", "many"), ("n_atoms", True), ("sparsity", "high"), ("scrub", "yes"),
     ("fbn_atlas", []), ("layers", "all")])
 def test_bad_config_file_values_exit_64(tmp_path, capsys, key, value):

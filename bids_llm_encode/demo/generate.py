@@ -275,9 +275,9 @@ class Grid:
         return img
 
 
-@lru_cache(maxsize=1)
-def make_grid() -> Grid:
-    """nilearn's bundled MNI152 brain mask at 4 mm, cropped to the brain + 1 voxel (computed once per process).
+@lru_cache(maxsize=2)
+def make_grid(voxel_mm: float = VOXEL_MM) -> Grid:
+    """nilearn's bundled MNI152 brain mask at ``voxel_mm`` (4 mm), cropped to the brain + 1 voxel (once per process).
 
     The arrays of the returned grid are read-only (it is shared between calls).
     """
@@ -288,12 +288,12 @@ def make_grid() -> Grid:
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(binary images|Casting data).*")
-        return _make_grid(datasets, image, ndimage)
+        return _make_grid(datasets, image, ndimage, float(voxel_mm))
 
 
-def _make_grid(datasets, image, ndimage) -> Grid:
+def _make_grid(datasets, image, ndimage, voxel_mm: float) -> Grid:
 
-    target = np.diag([VOXEL_MM] * 3 + [1.0])
+    target = np.diag([voxel_mm] * 3 + [1.0])
     mask2 = datasets.load_mni152_brain_mask(resolution=2)
     target[:3, 3] = mask2.affine[:3, 3]
     m4 = image.resample_img(mask2, target_affine=target, interpolation="continuous",
@@ -752,7 +752,6 @@ def _write_runs(root: Path, plant, story: Story, al: Alignment, subs: list, grid
     """
     import pandas as pd
 
-    fprep = root / "derivatives" / "fmriprep"
     code = root / "code"
     runs_truth = []
     for si, s in enumerate(subs):
@@ -772,36 +771,61 @@ def _write_runs(root: Path, plant, story: Story, al: Alignment, subs: list, grid
             pct = zc @ (weights * jitter[:, None].astype(np.float32))  # (T, V) percent
             bold, motion = _synth_run(rng, grid, pct, n_frames)
             ent = f"{sub}_task-{STORY}" + (f"_run-{run}" if run is not None else "")
-            _write_raw_run(root, sub, ent, bold, grid, s["onset"], al.duration, n_frames, rng)
-            space = f"space-{SPACE}" + ("_res-native" if s["legacy"] else "")
-            fdir = fprep / sub / "func"
-            data4d = np.zeros(grid.shape + (n_frames,), np.float32)
-            data4d[grid.mask] = bold.T
-            _write_nifti(fdir / f"{ent}_{space}_desc-preproc_bold.nii.gz", _bold_img(data4d, grid.affine, TR))
-            del data4d
-            _write_json(fdir / f"{ent}_{space}_desc-preproc_bold.json", {
-                "RepetitionTime": TR, "SkullStripped": False, "SliceTimingCorrected": True,
-                "StartTime": 0.5 * TR, "TaskName": STORY})
-            mask_name = f"{ent}_{space}_desc-brain_mask.nii.gz"
-            _write_nifti(fdir / mask_name, grid.mask_img())
-            _write_json(fdir / f"{ent}_{space}_desc-brain_mask.json", {"Type": "Brain", "RawSources": []})
-            table, meta = confounds_table(bold, grid, motion, TR)
-            kind = "regressors" if s["legacy"] else "timeseries"
-            _write_tsv(fdir / f"{ent}_desc-confounds_{kind}.tsv", table)
-            _write_json(fdir / f"{ent}_desc-confounds_{kind}.json", meta)
+            files = write_run(root, sub, ent, bold, motion, grid, s["onset"], al.duration, rng, s["legacy"])
             sig_tsv = code / "demo_truth_signals" / f"{ent}_signals.tsv"
             _write_tsv(sig_tsv, pd.DataFrame(z, columns=names))
             runs_truth.append({
                 "subject": s["label"], "run": run, "task": STORY, "tr": TR, "n_frames": n_frames,
                 "story_onset": s["onset"], "slice_time_ref": 0.5,
-                "preproc_bold": str((fdir / f"{ent}_{space}_desc-preproc_bold.nii.gz").relative_to(root)),
-                "confounds": str((fdir / f"{ent}_desc-confounds_{kind}.tsv").relative_to(root)),
+                "preproc_bold": files["preproc_bold"], "confounds": files["confounds"],
                 "signals_tsv": str(sig_tsv.relative_to(root)),
-                "fmriprep_naming": "20.0.x" if s["legacy"] else "20.2.x",
+                "fmriprep_naming": files["fmriprep_naming"],
                 "gains": [round(float(c.gain * jitter[j]), 4) for j, c in enumerate(couplings)],
             })
             log.info("wrote %s (%d frames)", ent, n_frames)
     return runs_truth
+
+
+def write_run(root: Path, sub: str, ent: str, bold: np.ndarray, motion: np.ndarray, grid: Grid,
+              onset: float, duration: float, rng, legacy: bool) -> dict:
+    """Write one run: raw BOLD + sidecar + events, fMRIPrep-style preprocessed BOLD, mask, confounds.
+
+    Parameters
+    ----------
+    ent : str
+        The run's entities, e.g. ``sub-01_task-lighthouse_run-1``.
+    bold : ndarray, shape (n_frames, n_vox)
+        Preprocessed BOLD in the grid's mask.
+    motion : ndarray, shape (n_frames, 6)
+    legacy : bool
+        fMRIPrep 20.0.x names (``res-native``, ``desc-confounds_regressors.tsv``).
+
+    Returns
+    -------
+    dict
+        Dataset-relative paths of the preprocessed BOLD and the confounds, and the naming.
+    """
+    n_frames = bold.shape[0]
+    fprep = root / "derivatives" / "fmriprep"
+    _write_raw_run(root, sub, ent, bold, grid, onset, duration, n_frames, rng)
+    space = f"space-{SPACE}" + ("_res-native" if legacy else "")
+    fdir = fprep / sub / "func"
+    data4d = np.zeros(grid.shape + (n_frames,), np.float32)
+    data4d[grid.mask] = bold.T
+    _write_nifti(fdir / f"{ent}_{space}_desc-preproc_bold.nii.gz", _bold_img(data4d, grid.affine, TR))
+    del data4d
+    _write_json(fdir / f"{ent}_{space}_desc-preproc_bold.json", {
+        "RepetitionTime": TR, "SkullStripped": False, "SliceTimingCorrected": True,
+        "StartTime": 0.5 * TR, "TaskName": STORY})
+    _write_nifti(fdir / f"{ent}_{space}_desc-brain_mask.nii.gz", grid.mask_img())
+    _write_json(fdir / f"{ent}_{space}_desc-brain_mask.json", {"Type": "Brain", "RawSources": []})
+    table, meta = confounds_table(bold, grid, motion, TR)
+    kind = "regressors" if legacy else "timeseries"
+    _write_tsv(fdir / f"{ent}_desc-confounds_{kind}.tsv", table)
+    _write_json(fdir / f"{ent}_desc-confounds_{kind}.json", meta)
+    return {"preproc_bold": str((fdir / f"{ent}_{space}_desc-preproc_bold.nii.gz").relative_to(root)),
+            "confounds": str((fdir / f"{ent}_desc-confounds_{kind}.tsv").relative_to(root)),
+            "fmriprep_naming": "20.0.x" if legacy else "20.2.x"}
 
 
 def _synth_run(rng, grid: Grid, pct: np.ndarray, n_frames: int) -> tuple[np.ndarray, np.ndarray]:

@@ -3,10 +3,18 @@
 One call of :func:`fit_encoding` handles one participant and one story (one or
 more runs). For every mask voxel it gives
 
-- per atom, an effect, its variance and a z value: OLS with an AR(1) error model
-  (nilearn ``run_glm``'s "ar1" model, vectorized here) per run, runs
-  combined by fixed effects (inverse-variance weighting);
-- in-sample R^2 of the OLS fit (runs stacked, per-run intercepts): the paper's number;
+- per atom, an effect, its variance and a z value: by default the marginal
+  regression of the cleaned BOLD on that atom alone (``atom_model``; the
+  joint OLS of all atoms is an option), per run; the variance is the
+  white-noise variance times the mean square of the atom's t value when the
+  design is circularly shifted within the run (the shifts of the CV null),
+  which respects any stationary autocorrelation of the noise; runs combined
+  by fixed effects (inverse-variance weighting). An AR(1) model estimated
+  from the residuals of 64 collinear atoms was measured too liberal (|z| >
+  3.1 at 9-19x its nominal rate on null data); it stays as
+  ``noise_model="ar1"`` (joint);
+- in-sample R^2 of the OLS fit (runs stacked) and its chance level, the mean
+  in-sample R^2 under the same shifts;
 - cross-validated prediction accuracy of ridge (himalaya): ``cv_r``, the mean
   over outer folds of the Pearson r between prediction and held-out data, and
   ``cv_r2 = 1 - sum SSE / sum SST`` over the held-out folds (SST about each
@@ -24,8 +32,8 @@ more runs). For every mask voxel it gives
   ``p = (1 + #{null >= observed}) / (1 + n_permutations)``; Benjamini-Hochberg
   FDR over the valid voxels gives ``significant``;
 - a noise ceiling when runs share a ``repeat_group`` (the same story heard
-  again): the mean between-repeat Pearson r, Spearman-Brown corrected to the
-  reliability of the mean of the repeats.
+  again): the ceiling of a single-run prediction's r, ``sqrt`` of the mean
+  between-repeat r over story frames aligned by story time.
 
 Voxels that are not finite or are constant in any run (also after confound
 regression) are excluded: their effect, z, cv_r, cv_r2 and in-sample R^2 are 0,
@@ -49,6 +57,7 @@ import pandas as pd
 from himalaya.backend import get_backend, set_backend
 from himalaya.ridge import solve_ridge_cv_svd
 from nilearn import signal
+from threadpoolctl import threadpool_limits
 
 from ..errors import DataError, UsageError
 from ..records import EncodingResult
@@ -79,6 +88,12 @@ class RunData:
     story_frames : int or None
         Frames the whole story spans; a run with fewer frames is fitted on what
         exists, with a warning.
+    story_time : ndarray, shape (n_frames,), or None
+        Each frame's time relative to the start of the story's audio (s): repeats
+        are aligned by it for the noise ceiling.
+    story_end : float or None
+        Audio time of the last word's end (s): the noise ceiling uses frames up to
+        ``CEILING_TAIL_S`` after it.
     """
 
     Y: np.ndarray
@@ -88,6 +103,11 @@ class RunData:
     repeat_group: Optional[str] = None
     name: str = ""
     story_frames: Optional[int] = None
+    story_time: Optional[np.ndarray] = None
+    story_end: Optional[float] = None
+
+
+CEILING_TAIL_S = 8.0  # the haemodynamic response to the last words (its peak is ~5 s)
 
 
 @dataclass
@@ -98,6 +118,27 @@ class _Prepared:
     n_conf: list
     D_raw: list  # design per run at kept frames, z-scored, before confound regression
     C: list  # per run (n_kept, c + 1): standardized confounds at kept frames and an intercept
+    Q: list  # per run: orthonormal basis of C's columns
+
+
+def _orth(C: np.ndarray) -> np.ndarray:
+    """Orthonormal basis of the column span of ``C`` (rank-deficient confounds allowed)."""
+    U, s, _ = np.linalg.svd(np.asarray(C, np.float64), full_matrices=False)
+    return U[:, s > s[0] * 1e-8]
+
+
+def _residualize(X: np.ndarray, Q: np.ndarray) -> np.ndarray:
+    """``X`` with the span of ``Q`` (confounds + intercept) projected out, columns z-scored.
+
+    The same cleaning as ``nilearn.signal.clean(confounds=..., standardize_confounds=True,
+    standardize="zscore_sample")`` at the kept frames (its confounds are zero-mean, so
+    the intercept is orthogonal to them), written out so that it is cheap to apply to
+    each circularly shifted design.
+    """
+    X = np.asarray(X, np.float64)
+    R = X - Q @ (Q.T @ X)
+    sd = R.std(0, ddof=1)
+    return (R - R.mean(0)) / np.where(sd > 0, sd, 1.0)
 
 
 def _zscore(X: np.ndarray) -> np.ndarray:
@@ -129,6 +170,10 @@ class _FoldCleaner:
                 if idx.size:
                     Cp = Cr[idx]
                     self.parts.append((sl.start + idx, Cp, np.linalg.pinv(Cp, rcond=1e-6)))
+
+    def flops(self, n_columns: int) -> float:
+        """Multiply-adds (x2) of one call on ``n_columns`` columns."""
+        return sum(4.0 * Cp.shape[0] * Cp.shape[1] * n_columns for _, Cp, _ in self.parts)
 
     def __call__(self, X: np.ndarray) -> np.ndarray:
         out = np.zeros_like(X)
@@ -191,7 +236,7 @@ def _clean(X: np.ndarray, conf, sample_mask) -> np.ndarray:
 
 
 def _prepare(runs: Sequence[RunData], n_atoms: int) -> _Prepared:
-    kept, D, confs, n_conf, D_raw, C = [], [], [], [], [], []
+    kept, D, confs, n_conf, D_raw, C, Q = [], [], [], [], [], [], []
     for i, run in enumerate(runs):
         lab = _label(run, i)
         n = run.Y.shape[0]
@@ -212,21 +257,23 @@ def _prepare(runs: Sequence[RunData], n_atoms: int) -> _Prepared:
                 f"{lab}: {len(k)} usable frames for {n_atoms} atoms + {c} confounds + intercept; "
                 "need more frames than parameters (fewer atoms, fewer confounds or no scrubbing)"
             )
-        d = _clean(run.design, conf, run.sample_mask)
-        sd = d.std(0)
-        if np.any(sd < 1e-6):
-            bad = np.flatnonzero(sd < 1e-6).tolist()
-            raise DataError(f"{lab}: atoms {bad} are constant at this run's frames (or explained by the confounds)")
-        kept.append(k)
-        D.append(d.astype(np.float32))
-        confs.append(conf)
-        n_conf.append(c)
-        D_raw.append(_zscore(np.asarray(run.design, dtype=np.float64)[k]).astype(np.float32))
         Ck = np.ones((len(k), c + 1))
         if conf is not None:
             Ck[:, :c] = _zscore(conf[k])
+        Qk = _orth(Ck)
+        raw = _zscore(np.asarray(run.design, dtype=np.float64)[k])
+        resid_sd = (raw - Qk @ (Qk.T @ raw)).std(0)
+        if np.any(resid_sd < 1e-6):
+            bad = np.flatnonzero(resid_sd < 1e-6).tolist()
+            raise DataError(f"{lab}: atoms {bad} are constant at this run's frames (or explained by the confounds)")
+        kept.append(k)
+        D.append(_residualize(raw, Qk).astype(np.float32))
+        confs.append(conf)
+        n_conf.append(c)
+        D_raw.append(raw.astype(np.float32))
         C.append(Ck.astype(np.float32))
-    return _Prepared(kept, D, confs, n_conf, D_raw, C)
+        Q.append(Qk)
+    return _Prepared(kept, D, confs, n_conf, D_raw, C, Q)
 
 
 def _outer_inner_folds(lengths: list[int], cv_folds: int, gap: int, inner_folds: int):
@@ -307,7 +354,7 @@ def fit_encoding(
     *,
     cv_folds: int = 5,
     alphas: np.ndarray = DEFAULT_ALPHAS,
-    n_permutations: int = 200,
+    n_permutations: int = 100,
     fdr_alpha: float = 0.05,
     seed: int = 0,
     backend: str = "numpy",
@@ -315,7 +362,8 @@ def fit_encoding(
     gap: int = 5,
     inner_folds: int = 3,
     min_shift_fraction: float = 0.1,
-    noise_model: str = "ar1",
+    atom_model: str = "marginal",
+    noise_model: str = "shift",
     null: str = "normal",
 ) -> EncodingResult:
     """Fit the atoms as fixed regressors of every voxel's BOLD.
@@ -329,13 +377,14 @@ def fit_encoding(
     alphas : ndarray, shape (n_alphas,)
         Ridge penalties searched per voxel on inner folds.
     n_permutations : int
-        Circular shifts of the design for the null of ``cv_r`` (0: no test, p = 1).
+        Circular shifts of the design: the null of ``cv_r``, of each atom's
+        effect and of the in-sample R^2 (0: no test, p = 1).
     fdr_alpha : float
         Benjamini-Hochberg level for ``significant``.
     seed : int
         Seeds the shifts.
     backend : {"numpy", "torch", "torch_cuda", "auto"}
-        himalaya backend for the ridge and the null ("auto": CUDA when available).
+        himalaya backend for the ridge and the nulls ("auto": CUDA when available).
     n_targets_batch : int
         Voxels processed at once (memory knob).
     gap : int
@@ -344,15 +393,37 @@ def fit_encoding(
         Contiguous inner blocks for the choice of alpha.
     min_shift_fraction : float
         Smallest circular shift, as a fraction of the run.
-    noise_model : str
-        nilearn ``run_glm`` error model for the effect/z maps ("ar1" or "ols").
+    atom_model : {"marginal", "joint"}
+        What each atom's effect map is. "marginal" (default): the regression
+        of the voxel's cleaned BOLD on that atom alone (the slope is the
+        correlation r, both z-scored): where the atom's time course appears
+        in the brain. "joint": the atom's OLS coefficient with all atoms in
+        one model (its unique contribution). With 64 collinear atoms
+        (variance inflation ~240) joint effects are not identifiable: on the
+        simulator, the atom that matches a planted word-rate signal at r 0.88
+        had a median joint z of -0.1 in the planted map and a median marginal
+        z of 3.0 (docs/encoding.md). The cross-validated ridge is always joint.
+    noise_model : {"shift", "ar1", "ols"}
+        How the atoms' effect variances (and so their z) are estimated.
+        "shift" (default): the white-noise OLS variance times the mean square
+        of the atom's OLS t value when the design is circularly shifted within
+        each run (the same shifts as the CV null), so that any stationary
+        autocorrelation of the noise (AR, 1/f) is respected, while a strong
+        signal (which the shifted fits leave in their residuals) does not
+        inflate the null; z from t with ``n_permutations`` degrees of freedom.
+        "ar1" (joint only): nilearn's AR(1) prewhitening (``run_glm``'s model),
+        which was measured too liberal with 64 collinear atoms
+        (docs/encoding.md); "ols": white-noise t. With ``n_permutations=0``,
+        "shift" falls back to "ols" (logged): uncalibrated.
     null : {"normal", "empirical"}
         How ``p`` is read from the circular-shift null. "empirical":
         ``(1 + #null >= observed) / (1 + n_permutations)``, whose resolution
         (>= 1 / (1 + n_permutations)) is too coarse for FDR over a whole brain.
-        "normal" (default): the upper tail of a normal with the voxel's null
-        mean and standard deviation, which gives p-values below that floor; it
-        agrees with the empirical p where both resolve (see docs/encoding.md).
+        "normal" (default): the upper tail of a normal null with the voxel's
+        null mean and standard deviation, as the predictive Student t with
+        ``n_permutations - 1`` degrees of freedom (the mean and sd are
+        estimates), which gives p-values below that floor; it agrees with the
+        empirical p where both resolve (see docs/encoding.md).
         Both are returned (``info['p_empirical']``).
 
     Returns
@@ -372,8 +443,18 @@ def fit_encoding(
         raise UsageError("n_permutations must be >= 0")
     if null not in ("normal", "empirical"):
         raise UsageError(f"null must be 'normal' or 'empirical', got {null!r}")
+    if noise_model not in ("shift", "ar1", "ols"):
+        raise UsageError(f"noise_model must be 'shift', 'ar1' or 'ols', got {noise_model!r}")
+    if atom_model not in ("marginal", "joint"):
+        raise UsageError(f"atom_model must be 'marginal' or 'joint', got {atom_model!r}")
+    if noise_model == "ar1" and atom_model != "joint":
+        raise UsageError("noise_model='ar1' is implemented for atom_model='joint' only")
     if null == "normal" and 0 < n_permutations < 20:
         raise UsageError("the normal null needs at least 20 circular shifts")
+    if noise_model == "shift" and not n_permutations:
+        log.warning("no circular shifts (n_permutations=0): the atoms' z maps are white-noise t values, "
+                    "not calibrated for autocorrelated noise (docs/encoding.md)")
+        noise_model = "ols"
     prep = _prepare(runs, K)
     lengths = [len(k) for k in prep.kept]
     starts = np.concatenate([[0], np.cumsum(lengths)])
@@ -384,13 +465,16 @@ def fit_encoding(
     folds, scheme = _outer_inner_folds(lengths, cv_folds, gap, inner_folds)
     cleaners = [_FoldCleaner(prep.C, slices, train, test) for train, test, _ in folds]
     shifts = stats.circular_shifts(lengths, n_permutations, min_shift_fraction, seed) if n_permutations else None
-
-    # in-sample OLS with per-run intercepts
-    X_full = np.zeros((n_total, K + len(runs)))
-    X_full[:, :K] = Dc
-    for j, sl in enumerate(slices):
-        X_full[sl, K + j] = 1.0
-    pinv_full = np.linalg.pinv(X_full)
+    # residual degrees of freedom of each run's atom model (the confounds were regressed out before)
+    glm_df = [n - (K if atom_model == "joint" else 1) - c - 1 for n, c in zip(lengths, prep.n_conf)]
+    t = time.perf_counter()
+    # Small matrices (frames x atoms): one BLAS thread. Several threads on matrices this
+    # small spin and wait; on a loaded 2-core machine that was measured 27x slower.
+    with threadpool_limits(limits=1, user_api="blas"):
+        observed_ops = _ShiftOps(Draw, [0] * len(runs), slices, prep, folds, cleaners, atom_model)
+        null_ops = [_ShiftOps(Draw, shifts[k], slices, prep, folds, cleaners, atom_model)
+                    for k in range(n_permutations)]
+    t_ops = time.perf_counter() - t
 
     groups: dict[str, list[int]] = {}
     for i, run in enumerate(runs):
@@ -418,10 +502,14 @@ def fit_encoding(
     null_mean = np.zeros(n_vox, np.float64)
     null_sd = np.full(n_vox, np.nan, np.float64)
     r2_in = np.zeros(n_vox, np.float32)
+    r2_chance = np.full(n_vox, np.nan, np.float32) if n_permutations else None
     ceiling = np.full(n_vox, np.nan, np.float32) if groups else None
     excluded = np.zeros(n_vox, bool)
     alpha_counts = np.zeros(len(alphas), np.int64)
     timings = {"clean": 0.0, "glm": 0.0, "cv": 0.0, "null": 0.0}
+    flops = {"glm": 0.0, "cv": 0.0, "null": 0.0}
+    if groups:
+        pairs = {g: _repeat_pairs(runs, idx, prep.kept, slices) for g, idx in groups.items()}
 
     try:
         for b0 in range(0, n_vox, n_targets_batch):
@@ -450,33 +538,45 @@ def fit_encoding(
             timings["clean"] += time.perf_counter() - t
             if cols.size == 0:
                 continue
+            nv = cols.size
 
-            # effect, variance, z: AR(1) GLM per run, fixed effects over runs
+            # effects of the atoms (OLS per run) and in-sample R^2 (runs stacked)
             t = time.perf_counter()
-            num = np.zeros((K, cols.size))
-            den = np.zeros((K, cols.size))
-            df_tot = 0
-            for i in range(len(runs)):
-                e, v, df = _glm_run(Yruns[i], prep.D[i].astype(np.float64), prep.n_conf[i], noise_model)
-                num += e / v
-                den += 1.0 / v
-                df_tot += df
-            eff = num / den
-            var = 1.0 / den
-            effect[:, gidx] = eff
-            variance[:, gidx] = var
-            zmap[:, gidx] = stats.t_to_z(eff / np.sqrt(var), df_tot)
             Yc = np.concatenate(Yruns).astype(np.float32)  # (n_total, v)
-            del Yruns
-            B = pinv_full.astype(np.float32) @ Yc
-            resid = Yc - X_full.astype(np.float32) @ B
-            sst = np.zeros(cols.size)
-            for sl in slices:
-                sst += ((Yc[sl] - Yc[sl].mean(0)) ** 2).sum(0)
-            r2_in[gidx] = 1.0 - (resid**2).sum(0) / sst
-            del resid, B
+            yy = [(y.astype(np.float64) ** 2).sum(0) for y in Yruns]  # cleaned BOLD has mean 0
+            sst = np.sum(yy, axis=0)
+            Ycb = bk.asarray(Yc)
+            yyb = [bk.asarray(v.astype(np.float32)) for v in yy]
+            eff_runs, se_runs, ess = observed_ops.glm(Ycb, slices, yyb, glm_df, bk)
+            eff_runs = [bk.to_numpy(e).astype(np.float64) for e in eff_runs]
+            se_runs = [bk.to_numpy(e).astype(np.float64) for e in se_runs]
+            r2_in[gidx] = bk.to_numpy(ess) / sst
+            flops["glm"] += observed_ops.glm_flops(nv)
+            if noise_model == "ols":
+                num = np.zeros((K, nv))
+                den = np.zeros((K, nv))
+                for e, se in zip(eff_runs, se_runs):
+                    var_r = np.maximum(se**2, 1e-30)
+                    num += e / var_r
+                    den += 1.0 / var_r
+                effect[:, gidx] = num / den
+                variance[:, gidx] = 1.0 / den
+                zmap[:, gidx] = stats.t_to_z(effect[:, gidx] * np.sqrt(den), sum(glm_df))
+            elif noise_model == "ar1":
+                num = np.zeros((K, nv))
+                den = np.zeros((K, nv))
+                df_tot = 0
+                for i in range(len(runs)):
+                    e, v, df = _glm_run(Yruns[i], prep.D[i].astype(np.float64), prep.n_conf[i], noise_model)
+                    num += e / v
+                    den += 1.0 / v
+                    df_tot += df
+                effect[:, gidx] = num / den
+                variance[:, gidx] = 1.0 / den
+                zmap[:, gidx] = stats.t_to_z(effect[:, gidx] / np.sqrt(variance[:, gidx]), df_tot)
             if groups:
-                ceiling[gidx] = _noise_ceiling(Yc, slices, prep.kept, groups)
+                ceiling[gidx] = np.mean([_noise_ceiling(Yc, pr) for pr in pairs.values()], axis=0)
+            del Yruns
             timings["glm"] += time.perf_counter() - t
 
             # cross-validated ridge
@@ -484,74 +584,83 @@ def fit_encoding(
             fold_cache = []
             r_sum = 0.0
             sse = 0.0
-            sst = 0.0
+            sst_cv = 0.0
             for (train, test, inner), clean in zip(folds, cleaners):
                 Yb = bk.asarray(clean(Yraw))
                 Xb = bk.asarray(clean(Draw))
                 Xtr, Ytr = Xb[train], Yb[train]
                 mx, my = Xtr.mean(0), Ytr.mean(0)
                 Xtr, Ytr = Xtr - mx, Ytr - my
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    best, coefs, _ = solve_ridge_cv_svd(
-                        Xtr, Ytr, alphas=bk.asarray(alphas.astype(np.float32)), cv=inner,
-                        local_alpha=True, n_targets_batch=n_targets_batch, warn=False,
-                    )
+                best, coefs, _ = solve_ridge_cv_svd(
+                    Xtr, Ytr, alphas=bk.asarray(alphas.astype(np.float32)), cv=inner,
+                    local_alpha=True, n_targets_batch=n_targets_batch, warn=False,
+                )
                 coefs = bk.asarray(coefs)
                 Yte = Yb[test]
                 pred = (Xb[test] - mx) @ coefs + my
                 r_sum = r_sum + stats.pearson_columns(pred, Yte)
                 sse = sse + ((Yte - pred) ** 2).sum(0)
-                sst = sst + ((Yte - Yte.mean(0)) ** 2).sum(0)
+                sst_cv = sst_cv + ((Yte - Yte.mean(0)) ** 2).sum(0)
                 best_np = bk.to_numpy(best)
                 alpha_counts += np.bincount(np.abs(np.log(alphas)[:, None] - np.log(best_np)[None]).argmin(0),
                                             minlength=len(alphas))
                 Yte_c = Yte - Yte.mean(0)
                 Yte_n = Yte_c / ((Yte_c**2).sum(0) ** 0.5 + 1e-12)
-                fold_cache.append((train, test, Ytr, Yte_n, bk.asarray(best), clean))
+                fold_cache.append((Ytr, Yte_n, bk.asarray(best)))
+                flops["cv"] += _ridge_cv_flops(len(train), len(test), inner, len(alphas),
+                                               len(np.unique(best_np)), K, nv) + clean.flops(nv)
             obs = bk.to_numpy(r_sum / len(folds))
             cv_r[gidx] = obs
-            cv_r2[gidx] = bk.to_numpy(1.0 - sse / sst)
+            cv_r2[gidx] = bk.to_numpy(1.0 - sse / sst_cv)
             timings["cv"] += time.perf_counter() - t
 
-            # circular-shift null
+            # circular-shift null: the same statistics with the design shifted within runs
             t = time.perf_counter()
             if n_permutations:
-                exceed = np.zeros(cols.size, np.int64)
-                s1 = np.zeros(cols.size)
-                s2 = np.zeros(cols.size)
+                exceed = np.zeros(nv, np.int64)
+                s1 = np.zeros(nv)
+                s2 = np.zeros(nv)
+                t_sq = [bk.zeros_like(Ycb, shape=(K, nv)) for _ in runs]
+                r2_sum = bk.zeros_like(Ycb, shape=(nv,))
                 obs_b = bk.asarray(obs)
-                for k in range(n_permutations):
-                    Xs_raw = stats.shift_within_runs(Draw, slices, shifts[k])
-                    r_null = 0.0
-                    for train, test, Ytr, Yte_n, best, clean in fold_cache:
-                        Xs = clean(Xs_raw)
-                        Xtr = Xs[train]
-                        mx = Xtr.mean(0)
-                        U, s, Vt = np.linalg.svd(Xtr - mx, full_matrices=False)
-                        M = bk.asarray(((Xs[test] - mx) @ Vt.T).astype(np.float32))  # (n_te, K)
-                        UtY = bk.asarray(U.T.astype(np.float32)) @ Ytr  # (K, v)
-                        sb = bk.asarray(s.astype(np.float32))[:, None]
-                        pred = M @ (sb / (sb**2 + best[None]) * UtY)
-                        pred = pred - pred.mean(0)
-                        r_null = r_null + (pred * Yte_n).sum(0) / ((pred**2).sum(0) ** 0.5 + 1e-12)
-                    r_null = r_null / len(fold_cache)
+                for ops in null_ops:
+                    e_null, se_null, ess_null = ops.glm(Ycb, slices, yyb, glm_df, bk)
+                    for acc, e, se in zip(t_sq, e_null, se_null):
+                        t_val = e / (se + 1e-30)
+                        acc += t_val * t_val
+                    r2_sum += ess_null
+                    r_null = ops.cv_r(fold_cache, bk)
                     exceed += bk.to_numpy(r_null >= obs_b).astype(np.int64)
                     r_np = bk.to_numpy(r_null).astype(np.float64)
                     s1 += r_np
                     s2 += r_np**2
+                    flops["null"] += ops.glm_flops(nv) + ops.cv_flops(nv)
                 p_emp[gidx] = stats.permutation_p(obs, exceed, n_permutations)
                 null_mean[gidx] = s1 / n_permutations
                 null_sd[gidx] = np.sqrt(np.maximum(s2 - s1**2 / n_permutations, 0) / max(n_permutations - 1, 1))
+                r2_chance[gidx] = bk.to_numpy(r2_sum).astype(np.float64) / n_permutations / sst
+                if noise_model == "shift":
+                    # variance = white-noise OLS variance x the mean square of t under the shifts
+                    num = np.zeros((K, nv))
+                    den = np.zeros((K, nv))
+                    for e, se, acc in zip(eff_runs, se_runs, t_sq):
+                        calib = bk.to_numpy(acc).astype(np.float64) / n_permutations
+                        var_r = np.maximum(se**2 * calib, 1e-30)
+                        num += e / var_r
+                        den += 1.0 / var_r
+                    effect[:, gidx] = num / den
+                    variance[:, gidx] = 1.0 / den
+                    zmap[:, gidx] = stats.t_to_z(effect[:, gidx] * np.sqrt(den), n_permutations)
+                del t_sq
             timings["null"] += time.perf_counter() - t
-            del fold_cache, Yb, Yc, Yraw
+            del fold_cache, Yc, Ycb, Yraw
     finally:
         set_backend(prev_backend)
 
     ok = ~excluded
     if null == "normal" and n_permutations:
         p = np.ones(n_vox, np.float64)
-        p[ok] = stats.normal_p(cv_r[ok], null_mean[ok], null_sd[ok])
+        p[ok] = stats.normal_p(cv_r[ok], null_mean[ok], null_sd[ok], n_permutations)
     else:
         p = p_emp
     significant = np.zeros(n_vox, bool)
@@ -563,7 +672,11 @@ def fit_encoding(
                     n_exc, n_vox)
     seconds = time.perf_counter() - t0
     info = {
+        "atom_model": atom_model,
         "noise_model": noise_model,
+        "atom_null": (f"effect variance = OLS variance x mean square of the OLS t over {n_permutations} "
+                      f"circular shifts of the design; z from t with {n_permutations} df"
+                      if noise_model == "shift" else f"parametric ({noise_model})"),
         "effect_combination": "fixed effects over runs" if len(runs) > 1 else "single run",
         "fold_scheme": scheme,
         "inner_folds": "leave-one-run-out" if len(runs) > 2 else f"{inner_folds} contiguous blocks, gap {gap}",
@@ -584,31 +697,184 @@ def fit_encoding(
         "n_significant": int(significant.sum()),
         "excluded_voxels": n_exc,
         "excluded_mask": excluded,
-        "noise_ceiling": "Spearman-Brown corrected mean between-repeat r" if groups else None,
+        "noise_ceiling": (f"sqrt of the mean between-repeat r over story frames aligned by story time "
+                          f"(frames up to {CEILING_TAIL_S:g} s after the last word)") if groups else None,
+        "in_sample_r2_chance": "mean in-sample R^2 under the circular shifts" if n_permutations else None,
         "n_frames": lengths,
         "backend": bk.name,
         "seconds": round(seconds, 2),
-        "seconds_by_stage": {k: round(v, 2) for k, v in timings.items()},
+        "seconds_by_stage": {"prepare": round(t_ops, 2), **{k: round(v, 2) for k, v in timings.items()}},
+        "matmul_flops": {k: float(v) for k, v in flops.items()},
     }
     log.info("encoding done in %.1f s: %d voxels, %d significant, %d excluded", seconds, n_vox,
              info["n_significant"], n_exc)
     return EncodingResult(effect=effect, variance=variance, z=zmap, cv_r=cv_r, cv_r2=cv_r2, p=p,
                           significant=significant, in_sample_r2=r2_in, noise_ceiling=ceiling,
-                          design=Dc, info=info)
+                          design=Dc, in_sample_r2_chance=r2_chance, info=info)
 
 
-def _noise_ceiling(Yc: np.ndarray, slices, kept, groups: dict) -> np.ndarray:
-    """Spearman-Brown corrected between-repeat correlation, averaged over repeat groups.
+def _ridge_cv_flops(n_train: int, n_test: int, inner, n_alphas: int, n_used: int, K: int, v: int) -> float:
+    """Multiply-adds (x2) of one outer fold of ``solve_ridge_cv_svd`` and its prediction.
 
-    Frames are matched by their index in the run (frames removed in any repeat are skipped).
+    himalaya forms, per inner fold, the (n_alphas, n_val, n_train_inner) hat
+    matrices and multiplies them with Y; then refits with the alphas in use.
+    """
+    f = 0.0
+    for tr, va in inner:
+        f += 2.0 * n_alphas * len(va) * len(tr) * v
+    f += 2.0 * n_used * K * n_train * v  # refit
+    f += 2.0 * n_test * K * v  # prediction
+    return f
+
+
+class _ShiftOps:
+    """The design-side matrices of every statistic, for one circular shift of the design.
+
+    Built once per shift (not per voxel batch): each run's shifted design,
+    cleaned of that run's confounds (the same projection as the observed
+    design) and z-scored, as a QR factorisation (the atoms' OLS effects, their
+    t values and the residual sum of squares per run); an orthonormal basis of
+    the stacked design (in-sample R^2, several runs); and, per outer CV fold,
+    the SVD of the fold-cleaned training design and the test design in that
+    basis (the ridge refit with each voxel's selected alpha).
+    """
+
+    def __init__(self, Draw, shift_row, slices, prep, folds, cleaners, atom_model="marginal"):
+        Xs = stats.shift_within_runs(Draw, slices, shift_row) if any(shift_row) else Draw
+        cleaned = [_residualize(Xs[sl], Q) for sl, Q in zip(slices, prep.Q)]
+        self.marginal = atom_model == "marginal"
+        self.runs = []
+        for d in cleaned:
+            Q, R = np.linalg.qr(d)
+            Rinv = np.linalg.pinv(R)
+            # joint: Rinv turns Q^T y into the OLS effects; marginal: D^T y / (n - 1) is each atom's r
+            W = (d.T / (d.shape[0] - 1)) if self.marginal else Rinv
+            self.runs.append((Q.astype(np.float32), W.astype(np.float32),
+                              (Rinv**2).sum(1).astype(np.float32)))  # diag((D^T D)^-1)
+        self.Q = None
+        if len(cleaned) > 1:
+            Qs, _ = np.linalg.qr(np.concatenate(cleaned))
+            self.Q = Qs.astype(np.float32)  # (n_total, K)
+        self.folds = []
+        for (train, test, _), clean in zip(folds, cleaners):
+            Xc = clean(Xs.astype(np.float64))
+            Xtr = Xc[train]
+            mx = Xtr.mean(0)
+            U, s, Vt = np.linalg.svd(Xtr - mx, full_matrices=False)
+            self.folds.append((U.T.astype(np.float32), s.astype(np.float32),
+                               ((Xc[test] - mx) @ Vt.T).astype(np.float32)))
+        self._bk = {}
+
+    def _on(self, bk):
+        if bk.name not in self._bk:
+            self._bk = {bk.name: ([tuple(bk.asarray(a) for a in r) for r in self.runs],
+                                  None if self.Q is None else bk.asarray(self.Q),
+                                  [(bk.asarray(a), bk.asarray(b)[:, None], bk.asarray(c))
+                                   for a, b, c in self.folds])}
+        return self._bk[bk.name]
+
+    def glm(self, Yc, slices, yy: list, df: list, bk):
+        """OLS per run and the stacked fit's explained sum of squares.
+
+        Parameters
+        ----------
+        Yc : array, shape (n_total, v)
+            Cleaned BOLD, runs stacked.
+        yy : list of arrays (v,)
+            Each run's total sum of squares.
+        df : list of int
+            Each run's residual degrees of freedom.
+
+        Returns
+        -------
+        effects, ses : lists of arrays (K, v), one per run
+            OLS effects and their white-noise standard errors.
+        ess : array (v,)
+            Explained sum of squares of the stacked fit (shared effects over runs).
+        """
+        runs, Qs, _ = self._on(bk)
+        effects, ses, ess = [], [], 0.0
+        for (Q, W, c), sl, yy_r, df_r in zip(runs, slices, yy, df):
+            Yr = Yc[sl]
+            G = Q.T @ Yr
+            e2 = (G * G).sum(0)
+            if self.marginal:  # slope of the z-scored BOLD on one z-scored atom = its r
+                r = W @ Yr
+                one_minus = 1.0 - r * r
+                effects.append(r)
+                ses.append((one_minus * (one_minus > 0) / df_r) ** 0.5)
+            else:
+                effects.append(W @ G)
+                rss = yy_r - e2
+                rss = rss * (rss > 0)
+                ses.append((c[:, None] * (rss / df_r)[None]) ** 0.5)
+            ess = ess + e2
+        if Qs is not None:
+            G = Qs.T @ Yc
+            ess = (G * G).sum(0)
+        return effects, ses, ess
+
+    def glm_flops(self, v: int) -> float:
+        f = sum(2.0 * Q.size * v + 2.0 * W.size * v for Q, W, _ in self.runs)
+        return f + (0.0 if self.Q is None else 2.0 * self.Q.size * v)
+
+    def cv_r(self, fold_cache, bk):
+        """Mean over outer folds of r(ridge prediction, held-out BOLD) with this design."""
+        _, _, folds = self._on(bk)
+        r = 0.0
+        for (Ut, sb, M), (Ytr, Yte_n, best) in zip(folds, fold_cache):
+            pred = M @ (sb / (sb**2 + best[None]) * (Ut @ Ytr))
+            pred = pred - pred.mean(0)
+            r = r + (pred * Yte_n).sum(0) / ((pred**2).sum(0) ** 0.5 + 1e-12)
+        return r / len(folds)
+
+    def cv_flops(self, v: int) -> float:
+        return sum(2.0 * Ut.size * v + 2.0 * M.size * v for Ut, _, M in self.folds)
+
+
+def _repeat_pairs(runs, idx: list, kept: list, slices: list) -> list:
+    """Rows of the stacked data that show the same story time in two presentations.
+
+    For each pair of repeats (a, b): the kept frames of a inside the story
+    (audio time from 0 to ``CEILING_TAIL_S`` after the last word), each matched
+    to the kept frame of b nearest in story time, within half a TR. Without
+    story times (``RunData.story_time`` None) frames are matched by index.
     """
     out = []
-    for idx in groups.values():
-        common = kept[idx[0]]
-        for i in idx[1:]:
-            common = np.intersect1d(common, kept[i])
-        rows = [slices[i].start + np.searchsorted(kept[i], common) for i in idx]
-        rs = [stats.pearson_columns(Yc[rows[a]], Yc[rows[b]])
-              for a in range(len(idx)) for b in range(a + 1, len(idx))]
-        out.append(stats.spearman_brown(np.mean(rs, axis=0), len(idx)))
-    return np.mean(out, axis=0).astype(np.float32)
+    for ia in range(len(idx)):
+        for ib in range(ia + 1, len(idx)):
+            a, b = runs[idx[ia]], runs[idx[ib]]
+            ka, kb = kept[idx[ia]], kept[idx[ib]]
+            if a.story_time is None or b.story_time is None:
+                common = np.intersect1d(ka, kb)
+                ra = slices[idx[ia]].start + np.searchsorted(ka, common)
+                rb = slices[idx[ib]].start + np.searchsorted(kb, common)
+            else:
+                ta = np.asarray(a.story_time, float)[ka]
+                tb = np.asarray(b.story_time, float)[kb]
+                end = np.inf if a.story_end is None else a.story_end + CEILING_TAIL_S
+                inside = np.flatnonzero((ta >= 0) & (ta <= end))
+                j = np.clip(np.searchsorted(tb, ta[inside]), 1, max(len(tb) - 1, 1))
+                j = np.where(np.abs(tb[j - 1] - ta[inside]) <= np.abs(tb[np.minimum(j, len(tb) - 1)] - ta[inside]),
+                             j - 1, np.minimum(j, len(tb) - 1))
+                half_tr = 0.5 * np.median(np.diff(tb)) if len(tb) > 1 else 0.0
+                close = np.abs(tb[j] - ta[inside]) <= half_tr + 1e-6
+                ra = slices[idx[ia]].start + inside[close]
+                rb = slices[idx[ib]].start + j[close]
+            if len(ra) < 10:
+                raise DataError(f"{_label(a, idx[ia])} and {_label(b, idx[ib])}: fewer than 10 story frames "
+                                "in common for the noise ceiling")
+            out.append((ra, rb))
+    return out
+
+
+def _noise_ceiling(Yc: np.ndarray, pairs: list) -> np.ndarray:
+    """Ceiling of a single-run prediction's r: ``sqrt(max(mean between-repeat r, 0))``.
+
+    A model that predicted a voxel's repeatable (stimulus-driven) signal
+    perfectly would correlate with one presentation at ``sqrt(r_rep)``, where
+    ``r_rep`` is the correlation between two presentations (not
+    Spearman-Brown's reliability of their mean, which answers another question).
+    """
+    r = np.mean([stats.pearson_columns(Yc[ra], Yc[rb]) for ra, rb in pairs], axis=0)
+    return np.sqrt(np.clip(r, 0.0, None)).astype(np.float32)

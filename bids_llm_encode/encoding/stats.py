@@ -165,13 +165,16 @@ def t_to_z(t: np.ndarray, df) -> np.ndarray:
     return z
 
 
-def spearman_brown(r: np.ndarray, n_repeats: int) -> np.ndarray:
-    """Reliability of the mean of ``n_repeats`` repeats from the single-repeat correlation.
+MIN_CEILING = 0.1  # below this a ceiling is noise (sqrt of an r of 0 +- 1/sqrt(T)): no fraction
 
-    ``rho_n = n r / (1 + (n - 1) r)``; negative ``r`` is clipped to 0 first.
-    """
-    r = np.clip(np.asarray(r, dtype=np.float64), 0.0, 1.0)
-    return n_repeats * r / (1.0 + (n_repeats - 1) * r)
+
+def ceiling_fraction(cv_r: np.ndarray, ceiling: np.ndarray) -> np.ndarray:
+    """``cv_r / ceiling`` where the ceiling is at least ``MIN_CEILING``, NaN elsewhere."""
+    ceiling = np.asarray(ceiling, np.float64)
+    out = np.full(ceiling.shape, np.nan)
+    ok = np.isfinite(ceiling) & (ceiling >= MIN_CEILING)
+    out[ok] = np.asarray(cv_r, np.float64)[ok] / ceiling[ok]
+    return out
 
 
 def permutation_p(observed: np.ndarray, n_exceed: np.ndarray, n_permutations: int) -> np.ndarray:
@@ -179,14 +182,20 @@ def permutation_p(observed: np.ndarray, n_exceed: np.ndarray, n_permutations: in
     return (1.0 + np.asarray(n_exceed, dtype=np.float64)) / (1.0 + n_permutations)
 
 
-def normal_p(observed: np.ndarray, null_mean: np.ndarray, null_sd: np.ndarray) -> np.ndarray:
-    """Upper-tail p of ``observed`` under a normal with the null's mean and standard deviation.
+def normal_p(observed: np.ndarray, null_mean: np.ndarray, null_sd: np.ndarray, n_null: int) -> np.ndarray:
+    """Upper-tail p of ``observed`` under a normal null whose mean and sd were estimated from ``n_null`` draws.
 
+    The predictive distribution of a new draw from a normal with estimated mean
+    and standard deviation is Student's t with ``n_null - 1`` degrees of freedom,
+    scaled by ``sqrt(1 + 1 / n_null)``; using the normal's own tail instead
+    (what this function did first) made the extreme p-values too small: on null
+    participants (50 shifts, 8,700 voxels) 2 of 3 had a voxel called at FDR 0.05.
     A voxel whose null has no spread (sd 0 or NaN) gets p = 1.
     """
     observed = np.asarray(observed, dtype=np.float64)
     sd = np.asarray(null_sd, dtype=np.float64)
     ok = np.isfinite(sd) & (sd > 0)
     p = np.ones_like(observed)
-    p[ok] = sps.norm.sf((observed[ok] - np.asarray(null_mean, dtype=np.float64)[ok]) / sd[ok])
+    scale = sd[ok] * np.sqrt(1.0 + 1.0 / n_null)
+    p[ok] = sps.t.sf((observed[ok] - np.asarray(null_mean, dtype=np.float64)[ok]) / scale, n_null - 1)
     return p

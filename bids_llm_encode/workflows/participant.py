@@ -27,6 +27,7 @@ from ..bids.outputs import OutputFiles as ParticipantFiles
 from ..bids.validate import validate_dataset
 from ..cache import Cache, cache_root
 from ..config import Config
+from ..encoding.stats import MIN_CEILING, ceiling_fraction
 from ..errors import DataError
 from ..records import Atlas, Dictionary, EncodingResult, RunInputs, Story, WordActivations
 from . import stimulus
@@ -151,10 +152,11 @@ class Participant:
                              sources=[r.bold, r.events, story.source])
             data.append(RunData(Y=Y, design=design, confounds=conf, sample_mask=sample_mask,
                                 repeat_group=story.name, name=r.bold.name,
-                                story_frames=_story_frames(r)))
+                                story_frames=_story_frames(r), story_time=r.frame_times - r.story_onset,
+                                story_end=float(np.nanmax(story.ends))))
         enc = fit_encoding(data, cv_folds=cfg.cv_folds, n_permutations=cfg.n_permutations,
                            n_targets_batch=voxel_batch(cfg.mem_mb, sum(d.Y.shape[0] for d in data)),
-                           fdr_alpha=cfg.fdr_alpha, seed=cfg.seed,
+                           fdr_alpha=cfg.fdr_alpha, seed=cfg.seed, atom_model=cfg.atom_model,
                            backend="torch_cuda" if stimulus.torch_device(cfg.device) == "cuda" else "numpy")
         sources = [r.bold for r in runs] + [r.mask for r in runs] + [r.confounds for r in runs]
         self.write_encoding_maps(enc, mask_img, ent, sources)
@@ -170,10 +172,14 @@ class Participant:
         info = {k: v for k, v in enc.info.items() if isinstance(v, (int, float, str, bool))}
         names = atom_names(enc.effect.shape[0])
         for k, name in enumerate(names):
+            model = ("the regression of the voxel on this atom alone (slope = r)"
+                     if cfg.atom_model == "marginal" else "all atoms in one OLS model")
             for stat, values, what in (("effect", enc.effect[k], "effect size (z-scored BOLD per "
-                                        "unit of the z-scored atom regressor)"),
-                                       ("variance", enc.variance[k], "variance of the effect"),
-                                       ("z", enc.z[k], "z statistic of the effect (AR(1) errors)")):
+                                        f"unit of the z-scored atom regressor; {model})"),
+                                       ("variance", enc.variance[k], "variance of the effect (OLS "
+                                        "variance calibrated by the circular-shift null)"),
+                                       ("z", enc.z[k], "z statistic of the effect, calibrated on the "
+                                        "circular-shift null of the design (docs/encoding.md)")):
                 writer.write_nifti(unmask(values, mask_img, nan=None if stat == "variance" else 0.0),
                                    self.files.statmap(ent, name, stat),
                                    {"Description": f"Atom {k}: {what}.", "Atom": k, "Statistic": stat,
@@ -183,12 +189,19 @@ class Participant:
              "prediction from the atoms."),
             ("cv", "rsquared", enc.cv_r2, "Cross-validated R^2 (1 - SSE/SST on held-out data)."),
             ("cv", "p", enc.p, "One-sided p-value of the CV r under the circular-shift null."),
-            ("insample", "rsquared", enc.in_sample_r2, "In-sample R^2 of the OLS fit (the paper's "
-             "number)."),
+            ("insample", "rsquared", enc.in_sample_r2, "In-sample R^2 of the OLS fit of all atoms. "
+             "Not a result by itself: compare it with its chance level (desc-insamplechance)."),
         ]
+        if enc.in_sample_r2_chance is not None:
+            voxel_maps.append(("insamplechance", "rsquared", enc.in_sample_r2_chance, "Chance level of "
+                               "the in-sample R^2: its mean when the design is circularly shifted."))
         if enc.noise_ceiling is not None:
-            voxel_maps.append(("noiseceiling", "r", enc.noise_ceiling, "Correlation between "
-                               "repeated presentations of the story (Spearman-Brown corrected)."))
+            voxel_maps.append(("noiseceiling", "r", enc.noise_ceiling, "Ceiling of a single-run "
+                               "prediction's r: sqrt of the correlation between presentations of the "
+                               "story (story frames, aligned by story time)."))
+            voxel_maps.append(("cvceiling", "fraction", ceiling_fraction(enc.cv_r, enc.noise_ceiling),
+                               f"CV r as a fraction of the noise ceiling, where the ceiling is at least "
+                               f"{MIN_CEILING} (0 elsewhere: not estimable)."))
         for desc, stat, values, text in voxel_maps:
             writer.write_nifti(unmask(values, mask_img, outside=1.0 if stat == "p" else 0.0),
                                self.files.statmap(ent, desc, stat),

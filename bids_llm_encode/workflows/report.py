@@ -11,6 +11,7 @@ import pandas as pd
 
 from ..bids.images import unmask
 from ..config import Config
+from ..encoding.stats import MIN_CEILING, ceiling_fraction
 from ..records import RunInputs
 from ..report import figures as fig
 
@@ -62,12 +63,23 @@ def participant_story_sections(report, result, cfg: Config, writer) -> None:
     sec.keyvalues({"voxels": enc.cv_r.size, "median CV r": round(float(np.nanmedian(enc.cv_r)), 3),
                    "max CV r": round(float(np.nanmax(enc.cv_r)), 3),
                    f"significant (FDR {cfg.fdr_alpha})": n_sig,
-                   "max in-sample R²": round(float(np.nanmax(enc.in_sample_r2)), 3)})
+                   "median in-sample R²": round(float(np.nanmedian(enc.in_sample_r2)), 3),
+                   **({"its chance level (median)": round(float(np.nanmedian(enc.in_sample_r2_chance)), 3)}
+                      if enc.in_sample_r2_chance is not None else {}),
+                   **({"median noise ceiling (r)": round(float(np.nanmedian(enc.noise_ceiling)), 3),
+                       f"median CV r / ceiling (ceiling >= {MIN_CEILING})":
+                       round(float(np.nanmedian(ceiling_fraction(enc.cv_r, enc.noise_ceiling))), 3)}
+                      if enc.noise_ceiling is not None else {})})
     sec.figure(fig.cv_r_histogram(enc.cv_r, enc.significant),
                "Cross-validated prediction accuracy over voxels; significant voxels highlighted.")
     sec.figure(fig.glass_brain(unmask(np.where(enc.significant, enc.cv_r, 0), result.mask_img),
                                "CV r (FDR-significant voxels)", threshold=1e-6),
                "Best-predicted voxels: cross-validated r where it is significant.")
+    if enc.noise_ceiling is not None:
+        sec.figure(fig.glass_brain(unmask(np.nan_to_num(ceiling_fraction(enc.cv_r, enc.noise_ceiling)),
+                                          result.mask_img), "CV r / noise ceiling", threshold=1e-6),
+                   f"Cross-validated r as a fraction of the single-run noise ceiling (where the ceiling "
+                   f"is at least {MIN_CEILING}).")
     strongest = np.argsort(-np.nanmax(np.abs(enc.z), axis=1))[:2]
     for k in strongest:
         sec.figure(fig.glass_brain(unmask(enc.z[k], result.mask_img), f"atom{k:02d} z",
