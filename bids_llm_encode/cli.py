@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--fbn-atlas", nargs="+", default=None,
                    help="CA12, Yeo7, Yeo17, tpl:Schaefer2018:400Parcels7Networks, or a NIfTI path")
     n.add_argument("--map-threshold", type=float, default=None)
+    n.add_argument("--map-rule", choices=["winner", "all"], default=None,
+                   help="winner (default): a voxel counts for the atom with the largest |z| there only")
     n.add_argument("--n-spatial-null", type=int, default=None)
 
     gr = p.add_argument_group("group level")
@@ -157,6 +159,41 @@ def setup_logging(verbose: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+_thread_limits = None  # the threadpoolctl limiter, kept for the process lifetime
+
+
+def set_resources(nprocs: Optional[int], mem_mb: Optional[int]) -> dict:
+    """Apply ``--nprocs`` to every thread pool of the process and log what was set (and ``--mem-mb``).
+
+    The BLAS and OpenMP runtimes of numpy, scipy and torch are loaded first, then limited through
+    threadpoolctl (which also raises a pool above the value of an ``*_NUM_THREADS`` variable read at
+    import), torch's intra-op pool through ``torch.set_num_threads``, and the variables are set for
+    libraries loaded later. Returns ``{"torch": n, "<library>": n, ...}`` as logged.
+    """
+    global _thread_limits
+    import numpy  # noqa: F401 - loads its BLAS
+    import scipy.linalg  # noqa: F401 - loads scipy's BLAS
+    import torch
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    if nprocs:
+        for var in THREAD_VARIABLES:
+            os.environ[var] = str(nprocs)
+        torch.set_num_threads(nprocs)
+        _thread_limits = threadpool_limits(limits=nprocs)
+    pools = {"torch": torch.get_num_threads()}
+    for pool in threadpool_info():
+        name = f"{pool['internal_api']} ({Path(pool['filepath']).name})"
+        pools[name] = pool["num_threads"]
+    log.info("threads (%s): %s", f"--nprocs {nprocs}" if nprocs else "library defaults, no --nprocs",
+             ", ".join(f"{k} {v}" for k, v in pools.items()))
+    if mem_mb:
+        log.info("memory: --mem-mb %d sizes the encoding's voxel batches; it is not a hard limit "
+                 "(the model, the neuron matrix and the dictionary are not bounded by it)", mem_mb)
+    return pools
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the console script; returns (and exits with) the exit code."""
     code = run(argv)
@@ -170,11 +207,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         print(f"bids_llm_encode: error: {exc}", file=sys.stderr)
         return exc.exit_code
     setup_logging(cfg.verbose)
-    if cfg.nprocs:
-        os.environ.setdefault("OMP_NUM_THREADS", str(cfg.nprocs))
-        import torch
-
-        torch.set_num_threads(cfg.nprocs)
+    set_resources(cfg.nprocs, cfg.mem_mb)
     try:
         if cfg.analysis_level == "participant":
             from .workflows.participant import run_participant_level

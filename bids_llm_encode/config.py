@@ -29,6 +29,7 @@ CHOICES = {
     "hrf": ("spm", "glover"),
     "group_model": ("random", "fixed"),
     "atom_model": ("marginal", "joint"),
+    "map_rule": ("winner", "all"),
     # the same tuple as encoding.confounds.STRATEGIES (kept here so that checking options
     # imports no nilearn; tests/test_config.py checks that they agree)
     "confounds_strategy": ("narratives", "simple", "compcor", "scrubbing"),
@@ -87,6 +88,7 @@ class Config:
     # networks (section 5)
     fbn_atlas: list[str] = field(default_factory=lambda: ["CA12", "Yeo7"])
     map_threshold: float = 3.1
+    map_rule: str = "winner"  # winner: each voxel counts for its preferred atom only | all
     n_spatial_null: Optional[int] = None  # None: every valid shift of the map (finest p-values)
     # group (section 7)
     group_model: str = "random"  # random: one-sample t over participants; fixed: Stouffer z

@@ -92,3 +92,21 @@ def test_demo_command_usage_error_is_64(tmp_path, capsys):
 
     assert demo_main([str(tmp_path / "d"), "--participants", "many"]) == EXIT_USAGE
     assert "invalid int value" in capsys.readouterr().err
+
+
+def test_nprocs_raises_blas_threads_pinned_by_the_environment():
+    # An image or a job that exports OPENBLAS_NUM_THREADS=1 etc.: --nprocs still sets numpy's,
+    # scipy's and torch's pools (threadpoolctl), and says so in the log.
+    code = ("import logging, json; logging.basicConfig(level=logging.INFO)\n"
+            "from bids_llm_encode.cli import set_resources\n"
+            "print(json.dumps(set_resources(3, 4000)))\n"
+            "from threadpoolctl import threadpool_info\n"
+            "print(json.dumps(sorted({p['internal_api'] for p in threadpool_info() if p['num_threads'] == 3})))\n")
+    env = {k: v for k, v in __import__("os").environ.items() if not k.endswith("_NUM_THREADS")}
+    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    pools, raised = (json.loads(line) for line in res.stdout.splitlines()[-2:])
+    assert pools["torch"] == 3 and all(n == 3 for n in pools.values()), pools
+    assert "openblas" in raised  # numpy's / scipy's BLAS, above the variable's 1
+    assert "threads (--nprocs 3): torch 3" in res.stderr and "--mem-mb 4000" in res.stderr

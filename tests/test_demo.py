@@ -318,6 +318,45 @@ def test_cli_errors_have_exit_codes(tmp_path, capsys):
     assert not any(p.name.startswith(".n2") for p in tmp_path.iterdir())  # no temporary leftovers
 
 
+def test_existing_empty_folder_is_filled_in_place(tmp_path, monkeypatch):
+    # `-v host:/data` in a container: /data is an empty mount point whose parent (/) is not
+    # writable. The dataset is built in a hidden folder inside it, nothing is written beside it.
+    roots = []
+
+    def fake_generate(root, *args, **kwargs):
+        roots.append(root)
+        (root / "sub-01").mkdir()
+        (root / "dataset_description.json").write_text("{}")
+
+    monkeypatch.setattr(gen, "_generate", fake_generate)
+    target = tmp_path / "mnt" / "data"
+    target.mkdir(parents=True)
+    inode = target.stat().st_ino
+    before = sorted(os.listdir(tmp_path / "mnt"))
+    assert gen.generate_demo(target, plant="word-features") == target
+    assert roots[0].parent == target and roots[0].name.startswith(".")
+    assert sorted(os.listdir(tmp_path / "mnt")) == before  # the parent was not written to
+    assert target.stat().st_ino == inode  # the same folder (a mount point cannot be replaced)
+    assert sorted(os.listdir(target)) == ["dataset_description.json", "sub-01"]  # no hidden leftovers
+    (target / "old.txt").write_text("x")  # --overwrite replaces the contents, in place too
+    gen.generate_demo(target, plant="word-features", overwrite=True)
+    assert sorted(os.listdir(target)) == ["dataset_description.json", "sub-01"]
+    assert target.stat().st_ino == inode and roots[1].parent == target
+    if os.geteuid() != 0:  # root writes anywhere; for others, a read-only parent proves it
+        (tmp_path / "ro").mkdir()
+        (tmp_path / "ro" / "data").mkdir()
+        (tmp_path / "ro").chmod(0o555)
+        try:
+            gen.generate_demo(tmp_path / "ro" / "data", plant="word-features")
+        finally:
+            (tmp_path / "ro").chmod(0o755)
+        assert (tmp_path / "ro" / "data" / "sub-01").is_dir()
+    # a new folder is still built beside its target and renamed into place
+    fresh = gen.generate_demo(tmp_path / "new", plant="word-features")
+    assert roots[-1].parent == tmp_path and (fresh / "sub-01").is_dir()
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
 @pytest.mark.skipif(os.environ.get("BIDS_LLM_ENCODE_SLOW_TESTS") != "1",
                     reason="runs the embedded language model; set BIDS_LLM_ENCODE_SLOW_TESTS=1")
 def test_model_atoms_plant(tmp_path):

@@ -171,3 +171,16 @@ def test_missing_derivatives_exit_66_and_write_nothing(demo, tmp_path):
     out = tmp_path / "out"
     assert run([str(ds), str(out), "participant", "--skip-bids-validation"]) == EXIT_NO_INPUT
     assert not list(out.glob("sub-*")) if out.exists() else True
+
+
+def test_group_isc_ceiling_follows_the_planted_signal(demo):
+    """Leave-one-out ISC (3 participants): high where a signal was planted in everyone, ~0 elsewhere."""
+    group = demo["out"] / "group" / "lighthouse"
+    isc = np.asarray(nib.load(next(group.glob("*_desc-isc_stat-r_statmap.nii.gz"))).dataobj)
+    truth = np.asarray(nib.load(demo["ds"] / demo["truth"]["maps"]).dataobj)
+    inside = isc != 0
+    driven = (truth != 0).any(axis=-1) & inside
+    assert np.median(isc[driven]) > 0.3
+    assert abs(np.median(isc[inside & ~driven])) < 0.05
+    frac = np.asarray(nib.load(next(group.glob("*_desc-cvisc_stat-fraction_statmap.nii.gz"))).dataobj)
+    assert 0.3 < np.median(frac[driven]) < 1.5

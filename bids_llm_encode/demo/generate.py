@@ -610,25 +610,52 @@ def generate_demo(out_dir, plant="word-features", n_subjects: int = 3, seed: int
     out_dir = Path(out_dir).absolute()
     if int(n_subjects) < 2:
         raise UsageError(f"--participants must be >= 2 (sub-02 hears the story twice), got {n_subjects}")
+    write_dataset(out_dir, overwrite, lambda root: _generate(root, plant, int(n_subjects), int(seed),
+                                                             cache_dir, atlas, model_options))
+    log.info("demo dataset written to %s in %.1f s", out_dir, time.time() - t0)
+    return out_dir
+
+
+def write_dataset(out_dir: Path, overwrite: bool, build) -> None:
+    """Run ``build(root)`` in a temporary folder, then put what it wrote at ``out_dir``, all or nothing.
+
+    ``out_dir`` must be new, or an empty folder (or ``overwrite``). A new folder
+    is built beside its target and renamed into place. An existing one may be a
+    mount point whose parent is not writable (``-v host:/data`` in a
+    container): it is built in a hidden folder inside the target, whose
+    contents are then moved up. A failure removes the temporary folder.
+    """
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not overwrite)):
         raise CantCreateError(f"{out_dir} exists and is not an empty folder; give a new folder "
                               "(or --overwrite to replace it)")
+    inside = out_dir.is_dir()
     try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        root = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+        if not inside:
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+        root = Path(tempfile.mkdtemp(dir=out_dir if inside else out_dir.parent,
+                                     prefix=f".{out_dir.name}.", suffix=".tmp"))
     except OSError as exc:
         raise CantCreateError(f"cannot create {out_dir}: {exc}") from exc
     try:
-        _generate(root, plant, int(n_subjects), int(seed), cache_dir, atlas, model_options)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(root, out_dir)
-        os.chmod(out_dir, 0o755)
+        build(root)
+        for dirpath, dirnames, filenames in os.walk(root):  # mkstemp makes 0600 files; a dataset is shared
+            for d in dirnames:
+                os.chmod(os.path.join(dirpath, d), 0o755)
+            for f in filenames:
+                os.chmod(os.path.join(dirpath, f), 0o644)
+        if inside:
+            for old in out_dir.iterdir():
+                if old != root:
+                    shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+            for new in root.iterdir():
+                os.replace(new, out_dir / new.name)
+            root.rmdir()
+        else:
+            os.replace(root, out_dir)
+            os.chmod(out_dir, 0o755)
     except BaseException:
         shutil.rmtree(root, ignore_errors=True)
         raise
-    log.info("demo dataset written to %s in %.1f s", out_dir, time.time() - t0)
-    return out_dir
 
 
 def _generate(root: Path, plant, n_subjects: int, seed: int, cache_dir, atlas: Optional[Atlas],
@@ -698,11 +725,6 @@ def _generate(root: Path, plant, n_subjects: int, seed: int, cache_dir, atlas: O
     with threadpool_limits(limits=1, user_api="blas"):
         runs_truth = _write_runs(root, plant, story, al, subs, grid, couplings, weights, seed)
     shutil.rmtree(work, ignore_errors=True)
-    for dirpath, dirnames, filenames in os.walk(root):  # mkstemp makes 0600 files; a dataset is shared
-        for d in dirnames:
-            os.chmod(os.path.join(dirpath, d), 0o755)
-        for f in filenames:
-            os.chmod(os.path.join(dirpath, f), 0o644)
 
     truth = {
         "DemoTruthVersion": "1.0",

@@ -40,12 +40,8 @@ volume per plant) and ``code/simulation_signals/<run>_latent.tsv``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,10 +52,10 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from .. import __version__
-from ..errors import BidsAppError, CantCreateError, UsageError
+from ..errors import BidsAppError, UsageError
 from .generate import (
     STORY, TR, _smooth_walk, _write_json, _write_nifti, _write_raw_top, _write_text, _write_tsv,
-    align_story, cosine_basis, make_grid, story_text, write_run,
+    align_story, cosine_basis, make_grid, story_text, write_dataset, write_run,
 )
 
 log = logging.getLogger(__name__)
@@ -308,35 +304,15 @@ def simulate_dataset(out_dir, n_null: int = 10, n_planted: int = 4, seed: int = 
                      overwrite: bool = False) -> Path:
     """Write the validation dataset into ``out_dir`` (new or empty) and return its path.
 
-    Built in a hidden temporary folder beside ``out_dir`` and renamed into
-    place at the end; deterministic for a seed.
+    Built in a temporary folder and moved into place at the end
+    (:func:`~bids_llm_encode.demo.generate.write_dataset`); deterministic for a seed.
     """
     t0 = time.time()
     out_dir = Path(out_dir).absolute()
     if n_null < 0 or n_planted < 0 or n_null + n_planted < 1:
         raise UsageError("--null and --planted must be >= 0, with at least one participant")
-    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not overwrite)):
-        raise CantCreateError(f"{out_dir} exists and is not an empty folder; give a new folder "
-                              "(or --overwrite to replace it)")
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        root = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    except OSError as exc:
-        raise CantCreateError(f"cannot create {out_dir}: {exc}") from exc
-    try:
-        _simulate(root, n_null, n_planted, seed, voxel_mm, model, cache_dir)
-        for dirpath, dirnames, filenames in os.walk(root):
-            for d in dirnames:
-                os.chmod(os.path.join(dirpath, d), 0o755)
-            for f in filenames:
-                os.chmod(os.path.join(dirpath, f), 0o644)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(root, out_dir)
-        os.chmod(out_dir, 0o755)
-    except BaseException:
-        shutil.rmtree(root, ignore_errors=True)
-        raise
+    write_dataset(out_dir, overwrite, lambda root: _simulate(root, n_null, n_planted, seed, voxel_mm, model,
+                                                             cache_dir))
     log.info("simulated dataset written to %s in %.1f s", out_dir, time.time() - t0)
     return out_dir
 

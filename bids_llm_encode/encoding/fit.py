@@ -461,7 +461,6 @@ def fit_encoding(
     slices = [slice(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
     Dc = np.concatenate(prep.D).astype(np.float32)  # (n_total, K)
     Draw = np.concatenate(prep.D_raw)  # the same before confound regression
-    n_total = Dc.shape[0]
     folds, scheme = _outer_inner_folds(lengths, cv_folds, gap, inner_folds)
     cleaners = [_FoldCleaner(prep.C, slices, train, test) for train, test, _ in folds]
     shifts = stats.circular_shifts(lengths, n_permutations, min_shift_fraction, seed) if n_permutations else None

@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -23,6 +24,7 @@ import pandas as pd
 from ..bids.outputs import DerivativesWriter, OutputFiles, label, model_label
 from ..cache import Cache, cache_root
 from ..config import Config, normalize_labels
+from ..encoding.stats import MIN_CEILING, ceiling_fraction
 from ..errors import MissingInputError, NoMatchError
 from ..bids.images import unmask
 
@@ -185,9 +187,31 @@ class GroupStory:
             {"Description": "Fraction of participants whose CV r is FDR-significant in each voxel."},
             [self.files.fdr_mask(e) for e in ents])
 
+        isc = self._isc_ceiling(ents, brain, mask)
+        ceiling_info = {}
+        if isc is not None:
+            cv_r = np.stack([np.asarray(nib.load(self._map(e, desc="cv", stat="r")).dataobj)[mask]
+                             for e in ents]).mean(axis=0)
+            frac = ceiling_fraction(cv_r, isc)
+            for desc, stat, values, text in (
+                    ("isc", "r", isc, "Group noise ceiling: leave-one-participant-out inter-subject "
+                     "correlation on story frames (mean over participants of r with the others' mean)."),
+                    ("cvisc", "fraction", frac, f"Participants' mean CV r as a fraction of the ISC "
+                     f"ceiling, where the ceiling is at least {MIN_CEILING} (0 elsewhere).")):
+                writer.write_nifti(unmask(np.nan_to_num(values), brain),
+                                   self.files.group_statmap(story, desc, stat),
+                    {"Description": text, "Participants": [e["sub"] for e in ents]}, sources)
+            ceiling_info = {"median ISC ceiling": round(float(np.median(isc)), 3),
+                            f"median CV r / ISC (ISC >= {MIN_CEILING})": round(float(np.nanmedian(frac)), 3)}
+
         sec = self.report.add_section(f"Story '{story}'", anchor=f"story-{story}")
         sec.keyvalues({"participants": n, "atoms": len(names), "dictionary R²": card.get("dictionary_r2"),
-                       "mean CV R² (max voxel)": round(float(mean_r2.max()), 3)})
+                       "mean CV R² (max voxel)": round(float(mean_r2.max()), 3), **ceiling_info})
+        if isc is not None:
+            sec.figure(fig.glass_brain(unmask(np.nan_to_num(frac), brain), "mean CV r / ISC ceiling",
+                                       threshold=1e-6),
+                       "The participants' mean cross-validated r as a fraction of the group noise "
+                       "ceiling (leave-one-out inter-subject correlation).")
         sec.figure(fig.glass_brain(unmask(sig_frac, brain), "fraction of participants with "
                                    "significant CV r", threshold=1e-6),
                    "Where the atoms predict BOLD: the fraction of participants whose cross-validated r "
@@ -196,7 +220,7 @@ class GroupStory:
         for spec in cfg.fbn_atlas:
             atlas = load_atlas(spec, brain, cache=self.cache, space=cfg.space)
             desc = label(atlas.name)
-            corr = correspondence(group_z, brain, atlas, threshold=cfg.map_threshold,
+            corr = correspondence(group_z, brain, atlas, threshold=cfg.map_threshold, map_rule=cfg.map_rule,
                                   n_null=cfg.n_spatial_null, seed=cfg.seed, fdr_alpha=cfg.fdr_alpha)
             links = links_table(corr)
             tables = []
@@ -215,7 +239,8 @@ class GroupStory:
             summary, per_network = organization_metrics(corr, atoms, sub_df, float(card["dictionary_r2"]),
                                                         mean_r2, networks=list(atlas.labels))
             summary = dict(summary, atlas=atlas.name, model=cfg.model, story=story, participants=n)
-            meta = {"Atlas": atlas.name, "MapThreshold": cfg.map_threshold, "Participants": n}
+            meta = {"Atlas": atlas.name, "MapThreshold": cfg.map_threshold, "MapRule": cfg.map_rule,
+                    "Participants": n}
             writer.write_tsv(corr, self.files.group_table(story, atlas.name, "overlap"),
                              {"Description": "Overlap of each group atom z map with each network.", **meta},
                              sources)
@@ -253,6 +278,28 @@ class GroupStory:
         out += [self._map(ent, desc="cv", stat="r"), self._map(ent, desc="cv", stat="rsquared"),
                 self.files.fdr_mask(ent)]
         return out
+
+    def _isc_ceiling(self, ents, brain, mask):
+        """The leave-one-out ISC ceiling of the story (>= 3 participants), or None (logged)."""
+        from ..bids.inputs import find_runs
+        from ..encoding.ceiling import isc_ceiling
+
+        subs = sorted({e["sub"] for e in ents})
+        if len(subs) < 3:
+            log.info("story %s: %d participant(s): no ISC ceiling (needs 3)", self.story, len(subs))
+            return None
+        cfg = self.config
+        sel = replace(cfg, participant_label=subs)
+        runs = [r for r in find_runs(sel) if r.story.name == self.story]
+        first = {}
+        for r in runs:  # one presentation per participant
+            first.setdefault(r.subject, r)
+        grids = {(nib.load(r.mask).shape[:3], tuple(np.round(nib.load(r.mask).affine, 3).ravel()))
+                 for r in first.values()}
+        if len(grids) > 1 or next(iter(grids))[0] != mask.shape:
+            log.warning("story %s: participants' BOLD are on different grids; no ISC ceiling", self.story)
+            return None
+        return isc_ceiling(list(first.values()), mask, cfg.confounds_strategy, cfg.scrub)
 
     def _group_mask(self, ents) -> nib.Nifti1Image:
         masks = [nib.load(self._map(e, desc="cv", stat="r")) for e in ents]

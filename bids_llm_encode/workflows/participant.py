@@ -223,9 +223,9 @@ class Participant:
         from ..networks.overlap import correspondence, links_table
 
         cfg, writer = self.config, self.writer
-        corr = correspondence(enc.z, mask_img, atlas, threshold=cfg.map_threshold,
+        corr = correspondence(enc.z, mask_img, atlas, threshold=cfg.map_threshold, map_rule=cfg.map_rule,
                               n_null=cfg.n_spatial_null, seed=cfg.seed, fdr_alpha=cfg.fdr_alpha)
-        atlas_meta = {"Atlas": atlas.name, "MapThreshold": cfg.map_threshold,
+        atlas_meta = {"Atlas": atlas.name, "MapThreshold": cfg.map_threshold, "MapRule": cfg.map_rule,
                       "SpatialNulls": cfg.n_spatial_null, "FDRAlpha": cfg.fdr_alpha}
         writer.write_tsv(corr, self.files.table(ent, atlas.name, "overlap"),
                          {"Description": "Overlap of each atom's thresholded z map (activation: z > "
