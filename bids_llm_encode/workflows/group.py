@@ -200,7 +200,7 @@ class GroupStory:
                      f"ceiling, where the ceiling is at least {MIN_CEILING} (0 elsewhere).")):
                 writer.write_nifti(unmask(np.nan_to_num(values), brain),
                                    self.files.group_statmap(story, desc, stat),
-                    {"Description": text, "Participants": [e["sub"] for e in ents]}, sources)
+                                   {"Description": text, "Participants": [e["sub"] for e in ents]}, sources)
             ceiling_info = {"median ISC ceiling": round(float(np.median(isc)), 3),
                             f"median CV r / ISC (ISC >= {MIN_CEILING})": round(float(np.nanmedian(frac)), 3)}
 
