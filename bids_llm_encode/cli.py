@@ -202,7 +202,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def run(argv: Optional[Sequence[str]] = None) -> int:
     try:
-        cfg = parse_config(argv)
+        cfg = parse_config(argv).validate()  # every option checked before any data is read
     except BidsAppError as exc:
         print(f"bids_llm_encode: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -8,12 +8,37 @@ with software versions, is written next to the outputs by ``bids/outputs.py``.
 from __future__ import annotations
 
 import json
+import math
+import os
 import platform
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 from . import __version__
+from .errors import UsageError
+
+#: Choices of the options that take one of a few words (the parser and the
+#: ``--config-file`` values are both checked against these in :meth:`Config.validate`).
+CHOICES = {
+    "device": ("auto", "cpu", "cuda"),
+    "dtype": ("float32", "float16", "bfloat16"),
+    "neurons": ("mlp-out", "mlp-hidden", "residual"),
+    "word_pooling": ("last", "mean"),
+    "hrf": ("spm", "glover"),
+    "group_model": ("random", "fixed"),
+    "atom_model": ("marginal", "joint"),
+    "map_rule": ("winner", "all"),
+    # the same tuple as encoding.confounds.STRATEGIES (kept here so that checking options
+    # imports no nilearn; tests/test_config.py checks that they agree)
+    "confounds_strategy": ("narratives", "simple", "compcor", "scrubbing"),
+}
+
+#: The smallest number of circular shifts the encoding's normal null accepts (0 = no null).
+MIN_PERMUTATIONS = 20
+
+_LABEL = re.compile(r"^[A-Za-z0-9]+$")
 
 
 @dataclass
@@ -72,6 +97,102 @@ class Config:
     PATH_FIELDS = ("bids_dir", "output_dir", "bids_filter_file", "derivatives", "work_dir",
                    "cache_dir", "config_file")
 
+    def validate(self) -> "Config":
+        """Check every option once, before any data is read (as nilearn checks its parameters).
+
+        Types (a ``--config-file`` can hold anything), ranges, choices and
+        combinations; the output folder's place relative to the input dataset
+        (:func:`check_output_location`). Nothing is read but the label files of
+        ``--participant-label`` & co., nothing is written.
+
+        Returns
+        -------
+        Config
+            ``self``, unchanged.
+
+        Raises
+        ------
+        UsageError (64)
+            The first bad option, by its command-line name, with the allowed values.
+        """
+        def bad(name: str, value, rule: str):
+            opt = "--" + name.replace("_", "-")
+            raise UsageError(f"{opt} {value!r}: {rule}. Fix the option (or the {name!r} key of "
+                             "--config-file).")
+
+        def integer(name, lo=None, optional=False):
+            v = getattr(self, name)
+            if v is None and optional:
+                return
+            if isinstance(v, bool) or not isinstance(v, int):
+                bad(name, v, "must be an integer")
+            if lo is not None and v < lo:
+                bad(name, v, f"must be >= {lo}")
+
+        def number(name, lo=None, hi=None, lo_open=True, hi_open=True):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                bad(name, v, "must be a finite number")
+            if lo is not None and (v <= lo if lo_open else v < lo):
+                bad(name, v, f"must be {'>' if lo_open else '>='} {lo}"
+                    + (f" and {'<' if hi_open else '<='} {hi}" if hi is not None else ""))
+            if hi is not None and (v >= hi if hi_open else v > hi):
+                bad(name, v, f"must be {'>' if lo_open else '>='} {lo} and {'<' if hi_open else '<='} {hi}")
+
+        def strings(name, allow_empty=True):
+            v = getattr(self, name)
+            if isinstance(v, str):
+                v = [v]
+                setattr(self, name, v)
+            if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
+                bad(name, v, "must be a list of strings")
+            if not allow_empty and not v:
+                bad(name, v, "needs at least one value")
+
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                bad(name, getattr(self, name), f"choose one of {', '.join(choices)}")
+        for name in ("model", "space", "subgroup"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                bad(name, getattr(self, name), "must be a non-empty string")
+        integer("n_atoms", 1)
+        number("sparsity", 0)
+        _check_subgroup(self.subgroup)
+        number("atom_tr", 0)
+        integer("seed", 0)
+        integer("context_tokens", 0)
+        integer("window_tokens", 1)
+        if self.context_tokens >= self.window_tokens:
+            raise UsageError(f"--context-tokens {self.context_tokens} must be smaller than "
+                             f"--window-tokens {self.window_tokens} (each window needs new tokens)")
+        if self.layers is not None:
+            if not isinstance(self.layers, list) or not all(
+                    isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in self.layers):
+                bad("layers", self.layers, "must be 0-based layer numbers (integers >= 0)")
+        integer("cv_folds", 2)
+        integer("n_permutations", 0)
+        if 0 < self.n_permutations < MIN_PERMUTATIONS:
+            bad("n_permutations", self.n_permutations,
+                f"must be 0 (no null, no p-values) or >= {MIN_PERMUTATIONS} (the normal fitted to "
+                "the circular shifts needs them)")
+        number("fdr_alpha", 0, 1)
+        number("map_threshold", 0)
+        integer("n_spatial_null", 1, optional=True)
+        integer("nprocs", 1, optional=True)
+        integer("mem_mb", 1, optional=True)
+        integer("verbose", 0)
+        for name in ("scrub", "skip_bids_validation"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, getattr(self, name), "must be true or false")
+        strings("fbn_atlas", allow_empty=False)
+        for name in ("participant_label", "session_label", "task_label"):
+            strings(name)
+        normalize_labels(self.participant_label, "sub")
+        normalize_labels(self.session_label, "ses")
+        normalize_labels(self.task_label, "task")
+        check_output_location(self.output_dir, self.bids_dir, self.derivatives)
+        return self
+
     def resolved(self) -> dict:
         """The configuration as JSON-ready data, with software versions."""
         data = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -109,3 +230,125 @@ def load_config_file(path: Path) -> dict:
         data = json.loads(text)
     data = data.get("config", data)  # accept a resolved-config file written by a run
     return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def _check_subgroup(mode) -> None:
+    """``nonzero``, ``top-<fraction in (0, 1)>`` or ``top-<count >= 1>`` (patterns/subgroups.py)."""
+    if mode == "nonzero":
+        return
+    text = mode[4:] if isinstance(mode, str) and mode.startswith("top-") else ""
+    try:
+        q = float(text)
+    except ValueError:
+        q = float("nan")
+    if 0 < q < 1 or (q >= 1 and q.is_integer() and "." not in text):
+        return
+    raise UsageError(f"--subgroup {mode!r}: choose 'nonzero', 'top-<fraction in (0, 1)>' (e.g. "
+                     "top-0.1) or 'top-<count>' (e.g. top-100)")
+
+
+def normalize_labels(values: Optional[Iterable[str] | str], prefix: str) -> list[str]:
+    """Labels without their BIDS prefix, read from files where a value is a file path.
+
+    Parameters
+    ----------
+    values : str or iterable of str or None
+        Labels (``"01"``, ``"sub-01"``), or paths to text files with one label per
+        line (blank lines and ``#`` comments skipped). Whitespace/comma separated
+        labels in one string are split.
+    prefix : str
+        ``"sub"``, ``"ses"``, ``"task"`` (with or without the ``-``).
+
+    Returns
+    -------
+    list of str
+        Unique labels in the given order.
+
+    Raises
+    ------
+    UsageError
+        A label that is not alphanumeric after removing the prefix. A bad line of
+        a label file is named by its number only: the file's content is never
+        echoed (``--participant-label /etc/passwd`` must not print a password line).
+    """
+    if values is None:
+        return []
+    if isinstance(values, (str, Path)):
+        values = [values]
+    pre = prefix if prefix.endswith("-") else prefix + "-"
+    opt = {"sub-": "--participant-label", "ses-": "--session-label", "task-": "--task-label"}.get(
+        pre, f"--{pre[:-1]}-label")
+    rule = f"labels are letters and digits, with an optional '{pre}' prefix"
+    out: list[str] = []
+    for value in values:
+        value = str(value).strip()
+        if not value:
+            continue
+        path = Path(value).expanduser()
+        if path.is_file():
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise UsageError(f"{opt} {path}: cannot read it as a text file of labels "
+                                 f"({type(exc).__name__}); give labels or a file with one per line") from None
+            items = []
+            for lineno, line in enumerate(text.splitlines(), start=1):
+                line = line.split("#", 1)[0].strip()
+                for item in re.split(r"[\s,]+", line) if line else []:
+                    label = item[len(pre):] if item.startswith(pre) else item
+                    if not _LABEL.match(label):
+                        raise UsageError(f"{opt} {path}, line {lineno}: not a {pre[:-1]} label ({rule}; "
+                                         "the file must hold one label per line). Is it the right file?")
+                    items.append(label)
+        else:
+            items = []
+            for item in re.split(r"[\s,]+", value):
+                if not item:
+                    continue
+                label = item[len(pre):] if item.startswith(pre) else item
+                if not _LABEL.match(label):
+                    raise UsageError(f"invalid {pre[:-1]} label {item!r} ({opt}): {rule}, or the path of "
+                                     "an existing file with one label per line")
+                items.append(label)
+        for label in items:
+            if label not in out:
+                out.append(label)
+    return out
+
+
+def _real(path) -> Path:
+    return Path(os.path.realpath(os.path.abspath(os.fspath(path))))
+
+
+def check_output_location(output_dir, bids_dir, derivatives=None) -> None:
+    """Refuse an output folder that would write into the input (symbolic links followed).
+
+    The input is read only: ``output_dir`` must not be ``bids_dir``, contain it,
+    or lie inside it anywhere but under ``bids_dir/derivatives/``; nor may it be,
+    contain or lie inside the fMRIPrep folder (``derivatives``, default
+    ``bids_dir/derivatives/fmriprep``). Checked on resolved paths before anything
+    is written (the output folder need not exist).
+
+    Raises
+    ------
+    UsageError (64)
+    """
+    if output_dir is None or bids_dir is None:
+        return
+    out, raw = _real(output_dir), _real(bids_dir)
+    shown = f"the output folder {output_dir}" + (f" (= {out})" if str(out) != os.path.abspath(output_dir) else "")
+    hint = f"Give another output folder, e.g. {Path(bids_dir) / 'derivatives' / 'bids_llm_encode'}."
+    if out == raw:
+        raise UsageError(f"{shown} is the input BIDS dataset {bids_dir}; the input is read only. {hint}")
+    if raw in out.parents and not (raw / "derivatives") in (out, *out.parents):
+        raise UsageError(f"{shown} lies inside the input BIDS dataset {bids_dir} but not under its "
+                         f"derivatives/ folder; the input is read only. {hint}")
+    if out == raw / "derivatives":
+        raise UsageError(f"{shown} is the input dataset's derivatives/ folder itself. {hint}")
+    if out in raw.parents:
+        raise UsageError(f"{shown} contains the input BIDS dataset {bids_dir}; outputs would mix "
+                         f"with the input. {hint}")
+    fmriprep = _real(derivatives) if derivatives is not None else raw / "derivatives" / "fmriprep"
+    if out == fmriprep or fmriprep in out.parents or out in fmriprep.parents:
+        raise UsageError(f"{shown} is, contains or lies inside the fMRIPrep derivatives {fmriprep}, an "
+                         f"input of this run. {hint}")

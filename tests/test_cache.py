@@ -84,3 +84,88 @@ def test_cache_root_precedence(tmp_path, monkeypatch):
     assert cache_root(cfg) == tmp_path / "work" / "cache"
     cfg.cache_dir = tmp_path / "explicit"
     assert cache_root(cfg) == tmp_path / "explicit"
+
+
+def test_digest_of_arrays_uses_their_bytes():
+    import numpy as np
+
+    a = np.arange(2000, dtype=np.float64)
+    b = a.copy()
+    b[1000] = -1.0  # in the middle that str() elides
+    assert str(a) == str(b)
+    assert digest(a) != digest(b)
+    assert digest(a) == digest(a.copy())
+    assert digest(a) != digest(a.astype(np.float32)) != digest(a.reshape(40, 50))
+    assert digest("x", [1, 2]) == digest("x", [1, 2])  # non-array keys are as before
+
+
+def test_complete_entry_never_deleted(tmp_path):
+    """Another writer completed the entry while the lock did not exclude it: theirs is kept."""
+    cache = Cache(tmp_path)
+    final = cache.path("ns", "k")
+
+    def create(folder):
+        (folder / "v.txt").write_text("mine")
+        final.mkdir(parents=True)  # the other writer's complete entry appears meanwhile
+        (final / "v.txt").write_text("theirs")
+        (final / ".complete").write_text("")
+
+    out = cache.get_or_create("ns", "k", create)
+    assert (out / "v.txt").read_text() == "theirs"
+    assert [p.name for p in (tmp_path / "ns").iterdir() if not p.name.endswith(".lock")] == ["k"]
+
+
+def test_incomplete_leftover_replaced(tmp_path):
+    cache = Cache(tmp_path)
+    final = cache.path("ns", "k")
+    final.mkdir(parents=True)
+    (final / "half.txt").write_text("crashed")
+    out = cache.get_or_create("ns", "k", lambda d: (d / "v.txt").write_text("new"))
+    assert sorted(p.name for p in out.iterdir()) == [".complete", "v.txt"]
+    assert [p.name for p in (tmp_path / "ns").iterdir() if not p.name.endswith(".lock")] == ["k"]
+
+
+def test_stale_temporary_folders_removed(tmp_path):
+    import os
+
+    from bids_llm_encode.cache import STALE_TMP_AGE_S
+
+    cache = Cache(tmp_path)
+    ns = tmp_path / "models"
+    old, young = ns / ".abc123.x1y2z3.tmp", ns / ".def456.q9w8e7.tmp"
+    for d in (old, young):
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"0" * 10)
+    os.utime(old, (0, time.time() - STALE_TMP_AGE_S - 60))
+    cache.get_or_create("models", "k", lambda d: (d / "v").write_text("1"))
+    assert not old.exists() and young.exists()
+
+
+def test_cache_folders_readable_by_the_group(tmp_path):
+    import os
+    import stat
+
+    cache = Cache(tmp_path / "c")
+    folder = cache.get_or_create("ns", "k", lambda d: (d / "v").write_text("1"))
+    from bids_llm_encode.cache import umask
+
+    expected = 0o777 & ~umask()
+    assert stat.S_IMODE(os.stat(folder).st_mode) == expected
+    assert stat.S_IMODE(os.stat(folder).st_mode) & stat.S_IRGRP
+
+
+def test_enolck_is_a_clear_error_naming_cache_dir(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from bids_llm_encode.errors import EXIT_IO, IOFailure
+
+    def no_lock(fh, op):
+        if op == fcntl.LOCK_EX:
+            raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_lock)
+    with pytest.raises(IOFailure) as info:
+        Cache(tmp_path).get_or_create("ns", "k", lambda d: None)
+    assert "--cache-dir" in str(info.value) and "ENOLCK" in str(info.value)
+    assert info.value.exit_code == EXIT_IO

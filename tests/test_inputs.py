@@ -244,3 +244,12 @@ def test_story_name():
     assert story_name("pieman_audio.wav") == "pieman"
     assert story_name("milkywaysynonyms_audio.wav") == "milkywaysynonyms"
     assert story_name("sub/x.wav") == "x"
+
+
+def test_malformed_start_time_fallback_is_logged_with_the_file(tmp_path, caplog):
+    root = make_layout(tmp_path / "ds", deriv_sidecar={"SliceTimingCorrected": True, "StartTime": "half"})
+    with caplog.at_level(logging.WARNING, logger="bids_llm_encode.bids.inputs"):
+        (run,) = find_runs(cfg(root))
+    assert run.slice_time_ref == 0.5
+    (rec,) = [r for r in caplog.records if "StartTime" in r.getMessage()]
+    assert "desc-preproc_bold.json" in rec.getMessage() and "'half'" in rec.getMessage()

@@ -436,3 +436,129 @@ def test_no_container_claim_without_the_apps_image(monkeypatch):
     assert detect_container() is None
     monkeypatch.setenv("BIDS_LLM_ENCODE_CONTAINER", "singularity:bids_llm_encode")
     assert detect_container() == {"Type": "singularity", "Tag": "bids_llm_encode"}
+
+
+# --------------------------------------------------------------------------- crash safety (issue 13)
+
+
+def test_nifti_and_sidecar_land_together(writer, monkeypatch):
+    """A kill after the sidecar's temp file is written but before the renames leaves neither file."""
+    import bids_llm_encode.bids.outputs as outputs
+
+    target = writer.path({"sub": "01", "task": "pieman", "desc": "atom03", "stat": "z"}, "statmap", ".nii.gz")
+    real_replace, seen = os.replace, []
+
+    def killed(src, dst):
+        seen.append(Path(dst).name)
+        raise KeyboardInterrupt  # as a kill: nothing after this runs
+
+    monkeypatch.setattr(outputs.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        writer.write_nifti(_img(), target, {"Description": "z"})
+    monkeypatch.setattr(outputs.os, "replace", real_replace)
+    assert seen == [writer.sidecar_path(target).name]  # the sidecar is renamed first
+    assert not target.exists() and not writer.sidecar_path(target).exists()
+    assert _temp_leftovers(writer.output_dir) == []
+    writer.write_nifti(_img(), target, {"Description": "z"})
+    assert target.exists() and writer.sidecar_path(target).exists()
+
+
+def test_temp_names_are_recognised_and_removed_on_rerun(raw, tmp_path):
+    from bids_llm_encode.bids.outputs import STALE_TEMP_AGE_S, is_temp_name
+
+    out = tmp_path / "out"
+    w = DerivativesWriter(out, _config(raw, out))
+    target = w.path({"sub": "01", "task": "pieman", "desc": "atom00", "stat": "z"}, "statmap", ".nii.gz")
+    target.parent.mkdir(parents=True)
+    # what a participant killed while writing maps, or while writing a story file, leaves behind
+    left = target.parent / f".{target.name}.{os.getpid()}.ab12_x9k.tmp.nii.gz"
+    left.write_bytes(b"half")
+    story = w.story_path("pieman", "m", "atoms.tsv")
+    story.parent.mkdir(parents=True)
+    old = story.parent / f".atoms.tsv.123.abcdefgh.tmp"
+    young = story.parent / f".atoms.json.124.abcdefgh.tmp"
+    old.write_text("x")
+    young.write_text("x")
+    os.utime(old, (0, os.stat(old).st_mtime - STALE_TEMP_AGE_S - 10))
+    assert is_temp_name(left.name) and is_temp_name(old.name) and not is_temp_name(target.name)
+    assert not is_temp_name(".bidsignore") and not is_temp_name(".bids_llm_encode.lock")
+    w2 = DerivativesWriter(out, _config(raw, out))  # a new run: old leftovers in shared folders go
+    assert not old.exists() and young.exists() and left.exists()
+    assert w2.remove_temps(w2.subject_dir("01")) == [left] and not left.exists()
+    with pytest.raises(ValueError):
+        w2.remove_temps(tmp_path)
+
+
+def test_participant_rerun_removes_its_leftover_temps(tmp_path, monkeypatch):
+    """run_participant_level removes sub-X/ leftovers before anything else."""
+    from bids_llm_encode.workflows import participant as wp
+
+    from layouts import make_layout
+
+    root = make_layout(tmp_path / "ds")
+    out = tmp_path / "out"
+    func = out / "sub-01" / "func"
+    func.mkdir(parents=True)
+    left = func / ".sub-01_task-pieman_space-X_desc-atom00_stat-z_statmap.nii.gz.999.q1w2e3r4.tmp.nii.gz"
+    left.write_bytes(b"half")
+    ran = []
+    monkeypatch.setattr(wp.Participant, "run", lambda self: ran.append(left.exists()))
+    cfg = Config(bids_dir=root, output_dir=out, analysis_level="participant", skip_bids_validation=True,
+                 cache_dir=tmp_path / "cache")
+    wp.run_participant_level(cfg)
+    assert ran == [False] and not left.exists()
+
+
+@pytest.mark.parametrize("killed_in", ["dictionary", "maps"])
+def test_group_level_after_an_interrupted_participant_exit_66(tmp_path, capsys, caplog, killed_in):
+    """Killed during dictionary learning or while writing maps: exit 66 naming what is missing."""
+    import logging
+
+    import pandas as pd
+
+    from bids_llm_encode.cli import run
+    from bids_llm_encode.workflows.group import GroupStory
+    from bids_llm_encode.workflows.participant import ParticipantFiles
+
+    from layouts import make_layout
+
+    root = make_layout(tmp_path / "ds")
+    out = tmp_path / "out"
+    cfg = Config(bids_dir=root, output_dir=out, analysis_level="group", cache_dir=tmp_path / "cache")
+    w = DerivativesWriter(out, cfg)
+    files = ParticipantFiles(w, cfg.space)
+    w.write_tsv(pd.DataFrame({"session": ["n/a"], "task": ["pieman"], "story": ["pieman"]}),
+                files.summary("01"), {"Description": "runs"})
+    ent = {"sub": "01", "task": "pieman"}
+    if killed_in == "maps":
+        w.write_tsv(pd.DataFrame({"time": [0.0], "atom00": [1.0], "atom01": [0.5]}),
+                    w.story_path("pieman", "smollm2-135m", "atoms.tsv"), {"Description": "atoms"})
+        w.write_json({"dictionary_r2": 0.5}, w.story_path("pieman", "smollm2-135m", "modelcard.json"))
+        w.write_tsv(pd.DataFrame({"atom": [0, 1]}), w.story_path("pieman", "smollm2-135m", "subgroups.tsv"),
+                    {"Description": "subgroups"})
+        story = GroupStory("pieman", [ent], cfg, None, w, None)
+        needed = story._needed(ent, ["atom00", "atom01"])
+        for f in needed[:2]:  # atom00 effect and z written, then the kill
+            w.write_nifti(_img(), f, {"Description": "map"})
+        missing = needed[2]
+    else:
+        missing = w.story_path("pieman", "smollm2-135m", "atoms.tsv")
+    with caplog.at_level(logging.WARNING):
+        code = run([str(root), str(out), "group", "--cache-dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert code == 66, err
+    assert "Traceback" not in err
+    assert str(missing) in err + caplog.text
+
+
+def test_group_level_removes_its_own_temps(tmp_path):
+    from layouts import make_layout
+
+    root = make_layout(tmp_path / "ds")
+    out = tmp_path / "out"
+    cfg = Config(bids_dir=root, output_dir=out, analysis_level="group", cache_dir=tmp_path / "cache")
+    w = DerivativesWriter(out, cfg)
+    (out / "group" / "pieman").mkdir(parents=True)
+    tmp = out / "group" / "pieman" / ".task-pieman_desc-CA12_links.tsv.77.zzzzzzzz.tmp"
+    tmp.write_text("x")
+    assert w.remove_temps(out / "group") == [tmp] and not tmp.exists()

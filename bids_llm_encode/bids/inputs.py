@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Optional
+from typing import Optional
 
-import nibabel as nib
 import numpy as np
 
-from ..config import Config
+from ..config import Config, normalize_labels
 from ..errors import DataError, MissingInputError, NoMatchError, UsageError
 from ..records import RunInputs, Story
+from .images import check_bold, check_mask
 from .stimuli import load_story, read_events_words
 
 log = logging.getLogger(__name__)
@@ -32,63 +33,8 @@ log = logging.getLogger(__name__)
 __all__ = ["normalize_labels", "find_runs", "run_summary", "load_filters", "story_name",
            "timing_candidates"]
 
-_LABEL = re.compile(r"^[A-Za-z0-9]+$")
 _ENTITIES_MATCHED = ("subject", "session", "task", "run", "acquisition", "echo", "direction",
                      "reconstruction", "ceagent")
-
-
-def normalize_labels(values: Optional[Iterable[str] | str], prefix: str) -> list[str]:
-    """Labels without their BIDS prefix, read from files where a value is a file path.
-
-    Parameters
-    ----------
-    values : str or iterable of str or None
-        Labels (``"01"``, ``"sub-01"``), or paths to text files with one label per
-        line (blank lines and ``#`` comments skipped). Whitespace/comma separated
-        labels in one string are split.
-    prefix : str
-        ``"sub"``, ``"ses"``, ``"task"`` (with or without the ``-``).
-
-    Returns
-    -------
-    list of str
-        Unique labels in the given order.
-
-    Raises
-    ------
-    UsageError
-        A label that is not alphanumeric after removing the prefix.
-    """
-    if values is None:
-        return []
-    if isinstance(values, (str, Path)):
-        values = [values]
-    pre = prefix if prefix.endswith("-") else prefix + "-"
-    out: list[str] = []
-    for value in values:
-        value = str(value).strip()
-        if not value:
-            continue
-        path = Path(value).expanduser()
-        if path.is_file():
-            items = []
-            for line in path.read_text().splitlines():
-                line = line.split("#", 1)[0].strip()
-                if line:
-                    items.extend(re.split(r"[\s,]+", line))
-            source = f" (in {path})"
-        else:
-            items, source = re.split(r"[\s,]+", value), ""
-        for item in items:
-            if not item:
-                continue
-            label = item[len(pre):] if item.startswith(pre) else item
-            if not _LABEL.match(label):
-                raise UsageError(f"invalid {pre[:-1]} label {item!r}{source}: labels are alphanumeric "
-                                 f"(with an optional '{pre}' prefix)")
-            if label not in out:
-                out.append(label)
-    return out
 
 
 def load_filters(path: Optional[Path]) -> dict:
@@ -245,13 +191,21 @@ def _story_from_events(events: Path, bids_dir: Path, task: str) -> tuple[Story, 
         f"or a TextGrid at one of these paths.")
 
 
-def _slice_time_ref(meta: dict, tr: float) -> float:
+def _slice_time_ref(meta: dict, tr: float, where: Optional[Path] = None) -> float:
+    """``StartTime / TR``; without a usable ``StartTime``, 0.5 if slice-timing corrected, else 0.
+
+    A ``StartTime`` that is not a number is not silently ignored: the fallback is
+    logged (a warning naming the sidecar).
+    """
+    fallback = 0.5 if meta.get("SliceTimingCorrected") else 0.0
     if meta.get("StartTime") is not None:
         try:
             return float(meta["StartTime"]) / tr
         except (TypeError, ValueError):
-            pass
-    return 0.5 if meta.get("SliceTimingCorrected") else 0.0
+            log.warning("%s: StartTime %r is not a number; using a slice-time reference of %g (%s)",
+                        where or "BOLD sidecar", meta["StartTime"], fallback,
+                        "SliceTimingCorrected" if fallback else "the start of each frame")
+    return fallback
 
 
 def _float_tr(meta: dict, where: Path) -> Optional[float]:
@@ -293,7 +247,10 @@ def _layouts(config: Config):
 
 
 def _choose(files: list, what: str, key: str) -> Optional[str]:
-    paths = sorted(f.path for f in files)
+    unique: dict[str, str] = {}  # resolved path -> the shortest way to it (links, cycles)
+    for f in sorted(files, key=lambda f: (len(Path(f.path).parts), f.path)):
+        unique.setdefault(os.path.realpath(f.path), f.path)
+    paths = sorted(unique.values())
     if not paths:
         return None
     if len(paths) > 1:
@@ -375,9 +332,18 @@ def find_runs(config: Config) -> list[RunInputs]:
         raise MissingInputError(f"no fMRIPrep derivatives for participant(s) "
                                 f"{', '.join('sub-' + s for s in lacking)} in {deriv}")
 
-    runs = []
-    for bold in sorted(bolds, key=lambda f: f.path):
+    runs, seen, dupes = [], {}, []
+    for bold in sorted(bolds, key=lambda f: (len(Path(f.path).parts), f.path)):
+        real = os.path.realpath(bold.path)  # one file reached through links (a cycle) counts once
+        if real in seen:
+            dupes.append(bold.path)
+            continue
+        seen[real] = bold.path
         runs.append(_run_inputs(bold, raw, der, bids_dir, deriv, config.space))
+    if dupes:
+        log.warning("%d BOLD path(s) lead to files already found (symbolic links, e.g. a link to a "
+                    "parent folder); each file is counted once: %s", len(dupes),
+                    ", ".join(sorted(dupes)[:3]) + (" ..." if len(dupes) > 3 else ""))
     runs.sort(key=lambda r: (r.subject, r.session or "", r.task, -1 if r.run is None else r.run))
     log.info("Found %d BOLD run(s) for %d participant(s)", len(runs), len(selected_subjects))
     return runs
@@ -417,9 +383,8 @@ def _run_inputs(bold, raw, der, bids_dir: Path, deriv: Path, space: str) -> RunI
     der_meta = der.get_metadata(preproc)
     raw_meta = raw.get_metadata(bold.path)
     tr = _float_tr(der_meta, der_json) or _float_tr(raw_meta, Path(bold.path))
-    img = nib.load(preproc)  # header only
-    if len(img.shape) != 4:
-        raise DataError(f"{preproc}: expected a 4D BOLD image, got shape {img.shape}")
+    img = check_bold(Path(preproc))  # header (+ gzip trailer): before the model runs
+    check_mask(Path(mask), Path(preproc), img)  # readable, 3D, not empty, on the BOLD's grid
     n_frames = int(img.shape[3])
     if tr is None:
         raise DataError(f"no RepetitionTime in the sidecars of {preproc} nor of {bold.path}")
@@ -427,7 +392,7 @@ def _run_inputs(bold, raw, der, bids_dir: Path, deriv: Path, space: str) -> RunI
     if hdr_tr > 0 and not np.isclose(hdr_tr, tr, atol=1e-3) and not np.isclose(hdr_tr / 1000, tr, atol=1e-3):
         log.warning("%s: header TR %.4g differs from RepetitionTime %.4g; using the sidecar",
                     Path(preproc).name, hdr_tr, tr)
-    stref = _slice_time_ref(der_meta, tr)
+    stref = _slice_time_ref(der_meta, tr, der_json)
 
     n_conf = _count_rows(Path(confounds))
     if n_conf != n_frames:

@@ -42,7 +42,8 @@ import numpy as np
 
 from .. import __version__
 from ..cache import file_lock
-from ..config import Config
+from ..cache import umask as _umask
+from ..config import Config, check_output_location
 from ..errors import CantCreateError, DataError, IOFailure, UsageError
 
 log = logging.getLogger(__name__)
@@ -125,23 +126,6 @@ def _dumps(data: Any) -> str:
     return json.dumps(data, indent=2, sort_keys=False, default=_json_default, allow_nan=False) + "\n"
 
 
-_UMASK: Optional[int] = None
-
-
-def _umask() -> int:
-    """The process umask, read once (from /proc when possible: ``os.umask`` sets it while reading)."""
-    global _UMASK
-    if _UMASK is None:
-        try:
-            with open("/proc/self/status") as fh:
-                line = next(ln for ln in fh if ln.startswith("Umask:"))
-            _UMASK = int(line.split()[1], 8)
-        except (OSError, StopIteration, ValueError, IndexError):
-            _UMASK = os.umask(0o022)
-            os.umask(_UMASK)
-    return _UMASK
-
-
 def _os_error(exc: OSError, path: Path, what: str) -> Exception:
     """Map an ``OSError`` to the exit-coded error: 73 for permissions/space/layout, else 74."""
     cant_create = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
@@ -151,27 +135,95 @@ def _os_error(exc: OSError, path: Path, what: str) -> Exception:
     return CantCreateError(msg) if exc.errno in cant_create else IOFailure(msg)
 
 
-def _atomic_write(path: Path, write: Callable[[str], None], suffix: str = ".tmp") -> None:
+#: Temporary files are ``.<final name>.<pid>.<random>.tmp[.<ext>]`` in the final folder:
+#: a rerun of the participant (its ``sub-X/`` folder) and the group level (``group/``)
+#: remove all of them, and any run removes those older than :data:`STALE_TEMP_AGE_S`
+#: elsewhere in ``output_dir`` (``stimuli/``, ``logs/``, shared by concurrent runs).
+TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>[0-9]+)\.[A-Za-z0-9_]+\.tmp(\.[A-Za-z0-9.]+)?$")
+
+#: Age (s) after which a temporary file in a shared folder is a leftover of a killed run: 24 h.
+STALE_TEMP_AGE_S = 24 * 3600
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether a file name is one of this writer's temporary names (:data:`TEMP_RE`)."""
+    return TEMP_RE.match(name) is not None
+
+
+def remove_stale_temps(folder: PathLike, older_than_s: Optional[float] = None) -> list[Path]:
+    """Remove this writer's temporary files under ``folder`` (recursively); returns what was removed.
+
+    ``older_than_s=None`` removes every one (a folder no other process writes
+    to); else only those whose modification time is older than that many seconds.
+    """
+    import time
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    now, removed = time.time(), []
+    for p in sorted(folder.rglob(".*.tmp*")):
+        if not p.is_file() or p.is_symlink() or not is_temp_name(p.name):
+            continue
+        try:
+            if older_than_s is not None and now - p.stat().st_mtime < older_than_s:
+                continue
+            p.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.warning("cannot remove the leftover temporary file %s: %s", p, exc.strerror or exc)
+            continue
+        removed.append(p)
+    if removed:
+        log.warning("removed %d temporary file(s) left by an interrupted run in %s (e.g. %s)",
+                    len(removed), folder, removed[0].name)
+    return removed
+
+
+def _mkstemp(path: Path, suffix: str) -> str:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=suffix)
+    os.close(fd)
+    return tmp
+
+
+def _atomic_write(path: Path, write: Callable[[str], None], suffix: str = ".tmp",
+                  companion: Optional[tuple[Path, bytes]] = None) -> None:
     """Call ``write(tmp_name)`` for a temporary file in ``path``'s folder, then rename it to ``path``.
 
     The temporary file is removed when ``write`` fails, so a failed write leaves
     neither a partial file nor a temporary one, and an older ``path`` intact.
     The final file gets the usual permissions (0666 less the umask), not the
     0600 of ``mkstemp``, so that other users (the group level) can read it.
+
+    ``companion``: ``(sidecar_path, bytes)`` written first under a temporary name
+    too; both are complete before either is renamed, the sidecar first, so a
+    kill never leaves a new data file without its sidecar.
     """
+    tmps: list[str] = []
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-        os.close(fd)
+        if companion is not None:
+            tmps.append(_mkstemp(companion[0], ".tmp"))
+        tmps.append(_mkstemp(path, suffix))
     except OSError as exc:
+        for t in tmps:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(t)
         raise _os_error(exc, path, "create") from exc
     try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        if companion is not None:
+            _write_bytes_to(companion[1])(tmps[0])
+        write(tmps[-1])
+        for t in tmps:
+            os.chmod(t, 0o666 & ~_umask())
+        if companion is not None:
+            os.replace(tmps[0], companion[0])
+        os.replace(tmps[-1], path)
     except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        for t in tmps:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(t)
         if isinstance(exc, OSError):
             raise _os_error(exc, path, "write") from exc
         raise
@@ -276,14 +328,47 @@ class DerivativesWriter:
             candidate = self.source_dataset / "derivatives" / "fmriprep"
             deriv = candidate if candidate.is_dir() else None
         self.derivatives_dir = Path(os.path.abspath(deriv)) if deriv is not None else None
-        if self.source_dataset is not None and self.output_dir == self.source_dataset:
-            raise UsageError(f"the output folder {self.output_dir} is the input BIDS dataset; the input "
-                             "is read only: give another output folder (e.g. bids_dir/derivatives/"
-                             f"{PIPELINE_NAME}).")
+        # resolved paths (symbolic links followed), before anything is created: the input is read only
+        check_output_location(self.output_dir, self.source_dataset, getattr(config, "derivatives", None))
         self._ignored: set[str] = set()
         self._make_output_dir()
         self._update_dataset_description()
         self.add_bidsignore(BIDSIGNORE_PATTERNS)
+        self.remove_shared_temps()
+
+    def remove_shared_temps(self) -> list[Path]:
+        """Temporary files older than :data:`STALE_TEMP_AGE_S` in the folders runs share.
+
+        ``output_dir`` itself, ``stimuli/`` and ``logs/``: other runs may be writing
+        there right now, so only old leftovers go. ``sub-X/`` and ``group/`` are
+        cleaned in full by :meth:`remove_temps` when their level starts.
+        """
+        import time
+
+        removed = []
+        for p in self.output_dir.iterdir():
+            if p.is_file() and is_temp_name(p.name):
+                with contextlib.suppress(OSError):
+                    if time.time() - p.stat().st_mtime >= STALE_TEMP_AGE_S:
+                        p.unlink()
+                        removed.append(p)
+        for sub in ("stimuli", "logs"):
+            removed += remove_stale_temps(self.output_dir / sub, STALE_TEMP_AGE_S)
+        return removed
+
+    def remove_temps(self, folder: PathLike) -> list[Path]:
+        """Every temporary file under ``folder`` (a participant's ``sub-X/`` at its start, ``group/``)."""
+        folder = Path(os.path.abspath(folder))
+        if self.output_dir not in folder.parents:
+            raise ValueError(f"{folder} is not inside the output folder {self.output_dir}")
+        return remove_stale_temps(folder, None)
+
+    def subject_dir(self, subject: str) -> Path:
+        """``output_dir/sub-<X>``: the folder only that participant's run writes into."""
+        label = _strip_prefix(str(subject), "sub")
+        if not _LABEL_RE.match(label):
+            raise ValueError(f"subject {subject!r} must be letters and digits only")
+        return self.output_dir / f"sub-{label}"
 
     # ------------------------------------------------------------------ set-up
 
@@ -310,7 +395,9 @@ class DerivativesWriter:
     @contextlib.contextmanager
     def _locked(self):
         try:
-            with file_lock(self.output_dir / LOCK_NAME):
+            with file_lock(self.output_dir / LOCK_NAME,
+                           advice="Give an output folder on a file system with flock (local disk, "
+                           "NFSv4, GPFS, Lustre mounted with flock)."):
                 yield
         except OSError as exc:
             raise _os_error(exc, self.output_dir / LOCK_NAME, "lock") from exc
@@ -572,7 +659,7 @@ class DerivativesWriter:
         stem = p.name.split(".", 1)[0]
         return p.with_name(f"{stem}.json")
 
-    def _write_sidecar(self, path: Path, sidecar: Mapping[str, Any], sources: Sources) -> None:
+    def _sidecar_bytes(self, path: Path, sidecar: Mapping[str, Any], sources: Sources) -> tuple[Path, bytes]:
         if not isinstance(sidecar, Mapping) or not str(sidecar.get("Description", "")).strip():
             raise ValueError(f"the sidecar of {path} needs a non-empty 'Description'")
         data = dict(sidecar)
@@ -582,7 +669,12 @@ class DerivativesWriter:
         side = self.sidecar_path(path)
         if side == path:
             raise ValueError(f"{path} is a JSON file: use write_json, which writes no sidecar")
-        _atomic_write(side, _write_bytes_to(_dumps(data).encode("utf-8")))
+        return side, _dumps(data).encode("utf-8")
+
+    def _write_with_sidecar(self, path: Path, write: Callable[[str], None], suffix: str,
+                            sidecar: Mapping[str, Any], sources: Sources) -> None:
+        """The data file and its sidecar land together (:func:`_atomic_write` with a companion)."""
+        _atomic_write(path, write, suffix=suffix, companion=self._sidecar_bytes(path, sidecar, sources))
 
     def _prepare(self, path: PathLike, sidecar: Optional[Mapping[str, Any]]) -> Path:
         p = self._check_inside(path)
@@ -624,8 +716,7 @@ class DerivativesWriter:
         if xyz == "unknown" or (out.ndim > 3 and t == "unknown"):
             out.header.set_xyzt_units("mm" if xyz == "unknown" else xyz,
                                       "sec" if t == "unknown" else t)
-        _atomic_write(p, lambda tmp: nib.save(out, tmp), suffix=f".tmp{ext}")
-        self._write_sidecar(p, sidecar, sources)
+        self._write_with_sidecar(p, lambda tmp: nib.save(out, tmp), f".tmp{ext}", sidecar, sources)
         log.debug("wrote %s", p)
         return p
 
@@ -667,8 +758,7 @@ class DerivativesWriter:
                 if bad:
                     raise ValueError(f"{p}: column {c!r} has a tab or newline inside a value")
         text = df.to_csv(sep="\t", na_rep="n/a", index=False, lineterminator="\n")
-        _atomic_write(p, _write_bytes_to(text.encode("utf-8")))
-        self._write_sidecar(p, sidecar, sources)
+        self._write_with_sidecar(p, _write_bytes_to(text.encode("utf-8")), ".tmp", sidecar, sources)
         log.debug("wrote %s", p)
         return p
 
@@ -728,8 +818,7 @@ class DerivativesWriter:
         else:
             raise ValueError(f"{p}: expected a mapping of arrays or a scipy.sparse matrix, "
                              f"got {type(arrays_or_sparse).__name__}")
-        _atomic_write(p, write, suffix=".tmp.npz")
-        self._write_sidecar(p, sidecar, sources)
+        self._write_with_sidecar(p, write, ".tmp.npz", sidecar, sources)
         log.debug("wrote %s", p)
         return p
 
@@ -751,8 +840,7 @@ class DerivativesWriter:
             with open(tmp, "wb") as fh:
                 np.save(fh, a, allow_pickle=False)
 
-        _atomic_write(p, write, suffix=".tmp.npy")
-        self._write_sidecar(p, sidecar, sources)
+        self._write_with_sidecar(p, write, ".tmp.npy", sidecar, sources)
         log.debug("wrote %s", p)
         return p
 
@@ -775,5 +863,82 @@ class DerivativesWriter:
         return self.write_json(dict(resolved), self.config_path(level, subject))
 
 
-__all__ = ["DerivativesWriter", "detect_container", "ENTITY_ORDER", "BIDSIGNORE_PATTERNS",
+# --------------------------------------------------------------------------- names of every output
+
+
+def label(text: str) -> str:
+    """A BIDS label (letters and digits) from a free name: ``smollm2-135m`` -> ``smollm2135m``."""
+    return re.sub(r"[^0-9A-Za-z]", "", text)
+
+
+def model_label(config: Config) -> str:
+    """The model's name in file and folder names (a path's stem for local models)."""
+    name = Path(config.model).name if ("/" in config.model or config.model.endswith(".gguf")) \
+        else config.model
+    name = re.sub(r"\.gguf$", "", name)
+    return re.sub(r"[^0-9A-Za-z.-]", "-", name)
+
+
+class OutputFiles:
+    """The name of every output, participant, stimulus and group level (the one place).
+
+    ``ent`` is a story's entities without space (sub, ses, task); maps add the
+    space. The participant level writes and the group level reads through the
+    same methods; the writer (:meth:`DerivativesWriter.path`, ``story_path``,
+    ``group_path``) turns them into paths inside ``output_dir``.
+    (``workflows.participant.ParticipantFiles`` is this class.)
+    """
+
+    def __init__(self, writer: DerivativesWriter, space: str):
+        self.writer, self.space = writer, space
+
+    # participant level: output_dir/sub-X/[ses-Y/]func/
+    def summary(self, subject: str) -> Path:
+        return self.writer.path({"sub": subject, "desc": "runs"}, "summary", ".tsv")
+
+    def design(self, run_entities: dict) -> Path:
+        return self.writer.path(dict(run_entities, desc="atoms"), "design", ".tsv")
+
+    def statmap(self, ent: dict, desc: str, stat: str) -> Path:
+        return self.writer.path(dict(ent, space=self.space, desc=desc, stat=stat), "statmap", ".nii.gz")
+
+    def fdr_mask(self, ent: dict) -> Path:
+        return self.writer.path(dict(ent, space=self.space, desc="cvfdr"), "mask", ".nii.gz")
+
+    def table(self, ent: dict, atlas: str, suffix: str, extension: str = ".tsv") -> Path:
+        return self.writer.path(dict(ent, desc=label(atlas)), suffix, extension)
+
+    # stimulus level: output_dir/stimuli/<story>/model-<model>/
+    STORY_FILES = {"modelcard": "modelcard.json", "atoms": "atoms.tsv", "loadings": "loadings.npz",
+                   "loadings_table": "loadings.tsv", "subgroups": "subgroups.tsv", "neurons": "neurons.npy"}
+
+    def story(self, story: str, model: str, kind: str) -> Path:
+        """``kind`` one of :attr:`STORY_FILES` (``atoms``, ``modelcard``, ...)."""
+        if kind not in self.STORY_FILES:
+            raise ValueError(f"unknown stimulus file {kind!r}; known: {sorted(self.STORY_FILES)}")
+        return self.writer.story_path(story, model, self.STORY_FILES[kind])
+
+    # reports: output_dir/sub-X.html, output_dir/group.html
+    def report(self, subject: str) -> Path:
+        return self.writer.report_path(subject)
+
+    def group_report(self) -> Path:
+        return self.writer.group_report_path()
+
+    # group level: output_dir/group/<story>/
+    def group_statmap(self, story: str, desc: str, stat: str) -> Path:
+        return self.writer.group_path(
+            f"task-{label(story)}_space-{label(self.space)}_desc-{label(desc)}_stat-{label(stat)}"
+            "_statmap.nii.gz", story)
+
+    def group_table(self, story: str, atlas: str, suffix: str, extension: str = ".tsv") -> Path:
+        return self.writer.group_path(f"task-{label(story)}_desc-{label(atlas)}_{label(suffix)}{extension}",
+                                      story)
+
+    def model_comparison(self) -> Path:
+        return self.writer.group_path("model_comparison.tsv")
+
+
+__all__ = ["DerivativesWriter", "OutputFiles", "label", "model_label", "detect_container", "remove_stale_temps", "is_temp_name", "TEMP_RE",
+           "STALE_TEMP_AGE_S", "ENTITY_ORDER", "BIDSIGNORE_PATTERNS",
            "STANDARD_SUFFIXES", "BIDS_VERSION", "CODE_URL"]

@@ -162,8 +162,39 @@ def fill_unaligned(starts: np.ndarray, ends: np.ndarray, aligned: np.ndarray,
     return starts, ends
 
 
-def _make_story(name: str, words: Sequence[str], starts, ends, aligned, source: Path) -> Story:
+#: How far (s) a word may start before the previous aligned word and still be accepted:
+#: aligners place neighbouring words with small overlaps; more is a misordered file.
+BACKWARDS_TOLERANCE_S = 0.5
+
+
+def check_monotonic(starts, aligned, source: Path, where: Sequence[str]) -> None:
+    """Refuse word times that go backwards by more than :data:`BACKWARDS_TOLERANCE_S`.
+
+    Each aligned word's start is compared with the latest start of the aligned
+    words before it; ``where[i]`` names word ``i``'s place in ``source``
+    (``"line 12"``, ``"words[11]"``). Unaligned words (NaN) are skipped.
+
+    Raises
+    ------
+    DataError (65)
+    """
+    latest, latest_at = -np.inf, None
+    for i, (s, ok) in enumerate(zip(starts, aligned)):
+        if not ok or not np.isfinite(s):
+            continue
+        if s < latest - BACKWARDS_TOLERANCE_S:
+            raise DataError(f"{source}, {where[i]}: the word starts at {s:g} s, {latest - s:.3g} s before "
+                            f"an earlier word ({latest_at}, {latest:g} s); word times must not go "
+                            f"backwards by more than {BACKWARDS_TOLERANCE_S} s. Fix the order of the "
+                            "alignment (or realign the story).")
+        if s > latest:
+            latest, latest_at = s, where[i]
+
+
+def _make_story(name: str, words: Sequence[str], starts, ends, aligned, source: Path,
+                where: Optional[Sequence[str]] = None) -> Story:
     aligned = np.asarray(aligned, dtype=bool)
+    check_monotonic(starts, aligned, source, where or [f"word {i + 1}" for i in range(len(words))])
     starts, ends = fill_unaligned(starts, ends, aligned, source)
     n_un = int((~aligned).sum())
     if n_un:
@@ -197,7 +228,7 @@ def read_gentle_csv(path: Path, name: Optional[str] = None) -> Story:
     """
     path = _check_exists(path)
     text = _read_text(path)
-    words, starts, ends, aligned = [], [], [], []
+    words, starts, ends, aligned, lines = [], [], [], [], []
     for lineno, row in enumerate(csv.reader(text.splitlines()), start=1):
         if not row or all(not c.strip() for c in row):
             continue
@@ -212,10 +243,11 @@ def read_gentle_csv(path: Path, name: Optional[str] = None) -> Story:
         if (s == "") != (e == ""):
             raise DataError(f"{path}, line {lineno}: only one of start/end is given ({s!r}, {e!r})")
         words.append(word)
+        lines.append(f"line {lineno}")
         _append_times(starts, ends, aligned, None if s == "" else (s, e), path, f"line {lineno}")
     if not words:
         raise DataError(f"{path}: no words")
-    return _make_story(name or story_name_for(path), words, starts, ends, aligned, path)
+    return _make_story(name or story_name_for(path), words, starts, ends, aligned, path, lines)
 
 
 def read_gentle_json(path: Path, name: Optional[str] = None) -> Story:
@@ -249,7 +281,8 @@ def read_gentle_json(path: Path, name: Optional[str] = None) -> Story:
         _append_times(starts, ends, aligned, (item["start"], item["end"]) if ok else None, path, where)
     if not words:
         raise DataError(f"{path}: no words")
-    return _make_story(name or story_name_for(path), words, starts, ends, aligned, path)
+    return _make_story(name or story_name_for(path), words, starts, ends, aligned, path,
+                       [f"words[{i}]" for i in range(len(words))])
 
 
 _TOKEN = re.compile(r'"(?:[^"]|"")*"|<exists>|<absent>|[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?')
@@ -381,6 +414,7 @@ def read_textgrid(path: Path, name: Optional[str] = None, tier: Optional[str] = 
     for a, _b, _w, ln in items:
         if a < 0:
             raise DataError(f"{path}, line {ln}: negative start time {a}")
+    check_monotonic([it[0] for it in items], [True] * len(items), path, [f"line {it[3]}" for it in items])
     return Story(name=name or story_name_for(path), words=tuple(it[2] for it in items),
                  starts=np.array([it[0] for it in items]), ends=np.array([it[1] for it in items]),
                  aligned=np.ones(len(items), dtype=bool), source=path)

@@ -46,6 +46,7 @@ Memory is ``O(T N + K N + T K)``: ``X`` once, ``A`` and one batch of ``C``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -95,6 +96,36 @@ def _as_tensor(X: ArrayLike, name: str, device: torch.device, dtype: torch.dtype
     return t
 
 
+def _dsum(t: torch.Tensor) -> float:
+    """A full sum that does not depend on the number of threads.
+
+    torch splits a full reduction between its threads, so ``float(t.sum())``
+    changes in the last bits with ``--nprocs``; in the solver such a sum decides
+    restarts and stopping, and the dictionary then differed (atoms by 4e-7,
+    loadings by 5e-5, z maps by 0.04). Per-column sums (one thread each) and a
+    float64 numpy sum of those are the same for any thread count. On a GPU the
+    thread count plays no part and the sum stays on the device.
+    """
+    if t.device.type != "cpu":
+        return float(t.sum())
+    v = t.sum(0) if t.ndim == 2 else t.reshape(-1)
+    return float(np.sum(v.detach().double().numpy()))
+
+
+@contextlib.contextmanager
+def _one_thread(device: torch.device):
+    """LAPACK (``eigh``) on one CPU thread: its result depends on the thread count otherwise."""
+    if device.type != "cpu":
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def _soft(x: torch.Tensor, thr: float) -> torch.Tensor:
     return torch.sign(x) * torch.clamp(x.abs() - thr, min=0.0)
 
@@ -119,7 +150,7 @@ def alpha_from_sparsity(X: ArrayLike, sparsity: float) -> float:
     if not np.isfinite(sparsity) or sparsity < 0:
         raise UsageError(f"sparsity must be a finite number >= 0, got {sparsity}")
     if isinstance(X, torch.Tensor):
-        ms = float((X.double() ** 2).sum(0).mean())
+        ms = _dsum(_column_stats(X, 16384)[0]) / X.shape[1]  # thread-independent, no float64 copy of X
     else:
         Xa = np.asarray(X)
         ms = float(np.einsum("ij,ij->", Xa, Xa, dtype=np.float64)) / Xa.shape[1]
@@ -161,7 +192,7 @@ def _lasso_fista(G: torch.Tensor, C: torch.Tensor, A0: torch.Tensor, xsq: torch.
     for it in range(1, max_iter + 1):
         A_new = _soft(Y - (G @ Y - C) / L, thr)
         # adaptive restart (O'Donoghue & Candes 2015): momentum points uphill -> reset
-        if float(((Y - A_new) * (A_new - A)).sum()) > 0:
+        if _dsum((Y - A_new) * (A_new - A)) > 0:
             t = 1.0
             Y = A_new
         else:
@@ -171,7 +202,7 @@ def _lasso_fista(G: torch.Tensor, C: torch.Tensor, A0: torch.Tensor, xsq: torch.
         A = A_new
         if it % check_every == 0 or it == max_iter:
             primal, gap = _primal_gap(G, C, A, xsq, alpha)
-            rel_gap = float(gap.sum() / max(float(primal.sum()), 1e-300))
+            rel_gap = _dsum(gap) / max(_dsum(primal), 1e-300)
             if rel_gap <= tol:
                 break
     return A, it, rel_gap
@@ -202,7 +233,24 @@ def _primal_gap(G: torch.Tensor, C: torch.Tensor, A: torch.Tensor, xsq: torch.Te
 
 
 def _lipschitz(G: torch.Tensor) -> float:
-    return float(torch.linalg.eigvalsh(G.double()).max()) * 1.0001 + 1e-12
+    with _one_thread(G.device):
+        return float(torch.linalg.eigvalsh(G.double()).max()) * 1.0001 + 1e-12
+
+
+def _column_stats(X: torch.Tensor, batch: int) -> tuple[torch.Tensor, float]:
+    """``||x_j||^2`` per neuron (float64) and the total sum of squares of the centred columns.
+
+    In column batches: a float64 copy of the whole ``X`` (8 T N bytes, twice)
+    is never made, which keeps the peak memory at the documented factor.
+    """
+    N = X.shape[1]
+    xsq = torch.empty(N, dtype=torch.float64, device=X.device)
+    css = torch.empty(N, dtype=torch.float64, device=X.device)
+    for s in range(0, N, batch):
+        Xb = X[:, s:s + batch].double()
+        xsq[s:s + batch] = (Xb ** 2).sum(0)
+        css[s:s + batch] = ((Xb - Xb.mean(0)) ** 2).sum(0)
+    return xsq, _dsum(css)
 
 
 def _encode_all(X: torch.Tensor, D: torch.Tensor, A: torch.Tensor, xsq: torch.Tensor, alpha: float,
@@ -230,7 +278,7 @@ def _encode_all(X: torch.Tensor, D: torch.Tensor, A: torch.Tensor, xsq: torch.Te
         Ab, n_it, g = _lasso_fista(G, C, A[:, s:e], xsq[s:e], alpha, L, max_iter, tol)
         A[:, s:e] = Ab
         primal, _ = _primal_gap(G, C, Ab, xsq[s:e], alpha)
-        obj += float(primal.sum())
+        obj += _dsum(primal)
         p = (Ab * C).sum(0).double()
         q = (Ab * (G @ Ab)).sum(0).double()
         rss[s:e] = torch.clamp(xsq[s:e] - 2 * p + q, min=0.0)
@@ -281,7 +329,8 @@ def _init_dict(X: torch.Tensor, K: int, init: str, seed: int) -> torch.Tensor:
             for s in range(0, N, 16384):
                 Xb = X[:, s:s + 16384].double()
                 S += Xb @ Xb.T
-            w, V = torch.linalg.eigh(S)
+            with _one_thread(S.device):
+                w, V = torch.linalg.eigh(S)
             D = V[:, torch.argsort(w, descending=True)[:K]].to(X.dtype)
         else:
             g = torch.Generator(device="cpu").manual_seed(seed)
@@ -304,6 +353,48 @@ def _init_dict(X: torch.Tensor, K: int, init: str, seed: int) -> torch.Tensor:
     else:
         raise UsageError(f"init must be 'svd' or 'random', got {init!r}")
     return D / torch.clamp(torch.linalg.vector_norm(D, dim=0), min=1e-12)
+
+
+# --------------------------------------------------------------------------- memory
+
+#: Bytes per frame x neuron that dictionary learning holds at most, besides the
+#: terms in K (see :func:`dictionary_memory_bytes`): the float32 ``X`` (4), and
+#: head room for the caller's copy of ``X`` while it is handed over (4).
+MEMORY_FACTOR = 8
+
+
+def dictionary_memory_bytes(n_frames: int, n_neurons: int, n_atoms: int, batch_neurons: int = 16384) -> int:
+    """Peak memory (bytes) of :func:`learn_dictionary` in float32 on a CPU, estimated.
+
+    ``MEMORY_FACTOR * T * N`` (X, and its producer's copy) ``+ 24 K N`` (A in
+    float32, its float64 copy for the result, and the CSR loadings, at most
+    dense) ``+ 48 K b`` (the solver's batch of b neurons: C, Y, A_new, G Y and
+    temporaries) ``+ 8 T min(b, 4096)`` (column statistics in float64)
+    ``+ 32 T K + 8 N`` (D, B, residuals) ``+ 16 MB`` (interpreter, torch
+    workspaces). Proportional to frames x neurons; the language model and the
+    word activations are not counted.
+    """
+    T, N, K = int(n_frames), int(n_neurons), int(n_atoms)
+    b = min(int(batch_neurons), N)
+    return MEMORY_FACTOR * T * N + 24 * K * N + 48 * K * b + 8 * T * min(b, 4096) + 32 * T * K + 8 * N \
+        + 16 * 2**20
+
+
+def check_memory(n_frames: int, n_neurons: int, n_atoms: int, mem_mb: Optional[int], what: str,
+                 batch_neurons: int = 16384) -> int:
+    """Refuse (exit 64) when ``--mem-mb`` cannot hold the dictionary learning; returns the estimate.
+
+    Raises
+    ------
+    UsageError
+    """
+    need = dictionary_memory_bytes(n_frames, n_neurons, n_atoms, batch_neurons)
+    if mem_mb and need > int(mem_mb) * 2**20:
+        raise UsageError(
+            f"{what}: dictionary learning of {n_frames} frames x {n_neurons} neurons ({n_atoms} atoms) "
+            f"needs about {math.ceil(need / 2**20)} MB, more than --mem-mb {mem_mb}. Raise --mem-mb (and "
+            "the job's memory), or record fewer neurons (--layers) or a coarser grid (--atom-tr).")
+    return need
 
 
 # --------------------------------------------------------------------------- public API
@@ -448,8 +539,7 @@ def learn_dictionary(X: ArrayLike, n_atoms: int = 64, alpha: Optional[float] = N
         log.warning("%d of %d neurons have an all-zero response; they get zero loadings",
                     int((Xt.abs().amax(0) == 0).sum()), N)
 
-    xsq = (Xt.double() ** 2).sum(0)
-    tss = float(((Xt.double() - Xt.double().mean(0)) ** 2).sum())
+    xsq, tss = _column_stats(Xt, batch_neurons)
     D = _init_dict(Xt, K, init, seed)
     A = torch.zeros((K, N), dtype=dtype, device=dev)
     history: list[float] = []
@@ -472,7 +562,7 @@ def learn_dictionary(X: ArrayLike, n_atoms: int = 64, alpha: Optional[float] = N
         if progress and (time.perf_counter() - last_log > 5 or it == 1):
             last_log = time.perf_counter()
             log.info("  iteration %d: objective %.6g, R^2 %.4f, %.1f%% non-zero loadings, %.1f s",
-                     it, obj, 1 - float(rss.sum()) / tss, 100 * float((A != 0).float().mean()),
+                     it, obj, 1 - _dsum(rss) / tss, 100 * float((A != 0).float().mean()),
                      time.perf_counter() - t0)
     last_change = (abs(history[-2] - history[-1]) / abs(history[-2])
                    if len(history) > 1 and history[-2] else float("nan"))
@@ -484,7 +574,7 @@ def learn_dictionary(X: ArrayLike, n_atoms: int = 64, alpha: Optional[float] = N
         log.warning("dictionary learning stopped after n_iter=%d alternations without reaching "
                     "tol=%g (last relative change %.2g)", n_iter, tol,
                     last_change)
-    r2 = 1.0 - float(rss.sum()) / tss if tss > 0 else float("nan")
+    r2 = 1.0 - _dsum(rss) / tss if tss > 0 else float("nan")
     A_np = A.cpu().double().numpy()
     loadings = sp.csr_matrix(A_np)
     loadings.eliminate_zeros()

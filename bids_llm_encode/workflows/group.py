@@ -21,12 +21,12 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from ..bids.outputs import DerivativesWriter
+from ..bids.outputs import DerivativesWriter, OutputFiles, label, model_label
 from ..cache import Cache, cache_root
-from ..config import Config
+from ..config import Config, normalize_labels
 from ..encoding.stats import MIN_CEILING, ceiling_fraction
 from ..errors import MissingInputError, NoMatchError
-from .participant import ParticipantFiles, label, model_label, unmask
+from ..bids.images import unmask
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +34,14 @@ log = logging.getLogger(__name__)
 def _participant_stories(writer: DerivativesWriter, config: Config) -> dict[str, list[dict]]:
     """story -> entities (sub, ses, task) of every participant output found, from the run summaries."""
     out: dict[str, list[dict]] = defaultdict(list)
-    wanted = {s.removeprefix("sub-") for s in config.participant_label}
+    wanted = set(normalize_labels(config.participant_label, "sub"))  # labels or a file of labels
     for folder in sorted(writer.output_dir.glob("sub-*")):
         if not folder.is_dir():
             continue
         sub = folder.name[4:]
         if wanted and sub not in wanted:
             continue
-        summary = ParticipantFiles(writer, config.space).summary(sub)
+        summary = OutputFiles(writer, config.space).summary(sub)
         if not summary.exists():
             log.warning("sub-%s: no run summary (%s); skipped", sub, summary.name)
             continue
@@ -63,6 +63,7 @@ def run_group_level(config: Config) -> None:
             "missing). Run the participant level into this folder first.")
     cache = Cache(cache_root(config))
     writer = DerivativesWriter(config.output_dir, config)
+    writer.remove_temps(writer.output_dir / "group")  # leftovers of a killed group run
     writer.write_config(config.resolved(), "group")
     stories = _participant_stories(writer, config)
     if not stories:
@@ -72,23 +73,32 @@ def run_group_level(config: Config) -> None:
 
     report = Report("Group report", subtitle=f"model {config.model} · {len(stories)} story(ies)")
     all_metrics = {}
+    skipped = []
     for story, entities in sorted(stories.items()):
         log.info("group: story %s, %d participant output(s)", story, len(entities))
-        all_metrics[story] = GroupStory(story, entities, config, cache, writer, report).run()
+        try:
+            all_metrics[story] = GroupStory(story, entities, config, cache, writer, report).run()
+        except MissingInputError as exc:  # e.g. every participant of the story was interrupted
+            if len(stories) == 1:
+                raise
+            log.warning("group: story %s skipped: %s", story, exc)
+            skipped.append(f"{story}: {exc}")
+    if not all_metrics:
+        raise MissingInputError("no story has complete participant outputs:\n  " + "\n  ".join(skipped))
     comparison = compare_models(config, writer, report, all_metrics)
     report.summary({"stories": len(stories), "participants": len({e["sub"] for v in stories.values()
                                                                   for e in v}),
                     "model": config.model, "models compared": len(comparison) if comparison is not None
                     else 1})
-    writer.write_text(report.to_html(), writer.group_report_path())
-    log.info("group level done in %.0f s: %s", time.perf_counter() - t0, writer.group_report_path())
+    html = writer.write_text(report.to_html(), OutputFiles(writer, config.space).group_report())
+    log.info("group level done in %.0f s: %s", time.perf_counter() - t0, html)
 
 
 class GroupStory:
     def __init__(self, story, entities, config, cache, writer, report):
         self.story, self.entities, self.config = story, entities, config
         self.cache, self.writer, self.report = cache, writer, report
-        self.files = ParticipantFiles(writer, config.space)
+        self.files = OutputFiles(writer, config.space)
 
     def _map(self, ent: dict, desc: str, stat: str) -> Path:
         return self.files.statmap(ent, desc, stat)
@@ -103,22 +113,30 @@ class GroupStory:
 
         cfg, writer, story = self.config, self.writer, self.story
         model = model_label(cfg)
-        atoms_tsv = writer.story_path(story, model, "atoms.tsv")
-        if not atoms_tsv.exists():
-            raise MissingInputError(f"{atoms_tsv}: the story's atoms are missing; run the participant "
-                                    f"level with --model {cfg.model} into this folder first")
+        atoms_tsv = self.files.story(story, model, "atoms")
+        for f in (atoms_tsv, self.files.story(story, model, "modelcard"),
+                  self.files.story(story, model, "subgroups")):
+            if not f.exists():
+                raise MissingInputError(f"{f}: the story's atoms are missing (a participant run with "
+                                        f"--model {cfg.model} was interrupted, or none ran); run the "
+                                        "participant level into this folder first")
         atoms_df = pd.read_csv(atoms_tsv, sep="\t")
         names = [c for c in atoms_df.columns if c.startswith("atom")]
         atoms = atoms_df[names].to_numpy()
-        card = json.loads(writer.story_path(story, model, "modelcard.json").read_text())
-        sub_df = pd.read_csv(writer.story_path(story, model, "subgroups.tsv"), sep="\t")
+        card = json.loads(self.files.story(story, model, "modelcard").read_text())
+        sub_df = pd.read_csv(self.files.story(story, model, "subgroups"), sep="\t")
 
-        ents = [e for e in self.entities if self._map(e, desc="atom00", stat="effect").exists()]
-        missing = [e["sub"] for e in self.entities if e not in ents]
-        if missing:
-            log.warning("story %s: no atom maps for sub-%s; skipped", story, ", sub-".join(missing))
+        ents = []
+        for e in self.entities:  # a participant killed while writing its maps has only some of them
+            absent = [f for f in self._needed(e, names) if not f.exists()]
+            if absent:
+                log.warning("story %s: sub-%s skipped: its outputs are incomplete (%d missing, e.g. %s); "
+                            "rerun the participant level for it", story, e["sub"], len(absent), absent[0])
+            else:
+                ents.append(e)
         if not ents:
-            raise MissingInputError(f"story {story}: no participant has atom maps in {writer.output_dir}")
+            raise MissingInputError(f"story {story}: no participant has complete atom maps in "
+                                    f"{writer.output_dir}; run (or rerun) the participant level first")
         masks = [nib.load(self.files.fdr_mask(e)) for e in ents]
         brain = self._group_mask(ents)
         mask = np.asarray(brain.dataobj) > 0
@@ -156,8 +174,7 @@ class GroupStory:
                        "effect: fixed effects, inference about these participants only")
             group_z[k] = np.asarray(z_img.dataobj)[mask]
             for stat, img in (("z", z_img), ("effect", eff_img)):
-                writer.write_nifti(img, writer.group_path(
-                    f"task-{label(story)}_space-{cfg.space}_desc-{name}_stat-{stat}_statmap.nii.gz", story),
+                writer.write_nifti(img, self.files.group_statmap(story, name, stat),
                     {"Description": f"Group {stat} map of atom {k}: {how}.", "GroupModel":
                      "random" if random_fx else "fixed", "Participants": [e["sub"] for e in ents]},
                     effects)
@@ -166,8 +183,7 @@ class GroupStory:
                           for e in ents])
         mean_r2 = cv_r2.mean(axis=0)
         sig_frac = np.mean([np.asarray(m.dataobj)[mask] > 0 for m in masks], axis=0)
-        writer.write_nifti(unmask(sig_frac, brain), writer.group_path(
-            f"task-{label(story)}_space-{cfg.space}_desc-cvfdr_stat-fraction_statmap.nii.gz", story),
+        writer.write_nifti(unmask(sig_frac, brain), self.files.group_statmap(story, "cvfdr", "fraction"),
             {"Description": "Fraction of participants whose CV r is FDR-significant in each voxel."},
             [self.files.fdr_mask(e) for e in ents])
 
@@ -182,9 +198,9 @@ class GroupStory:
                      "correlation on story frames (mean over participants of r with the others' mean)."),
                     ("cvisc", "fraction", frac, f"Participants' mean CV r as a fraction of the ISC "
                      f"ceiling, where the ceiling is at least {MIN_CEILING} (0 elsewhere).")):
-                writer.write_nifti(unmask(np.nan_to_num(values), brain), writer.group_path(
-                    f"task-{label(story)}_space-{cfg.space}_desc-{desc}_stat-{stat}_statmap.nii.gz", story),
-                    {"Description": text, "Participants": [e["sub"] for e in ents]}, sources)
+                writer.write_nifti(unmask(np.nan_to_num(values), brain),
+                                   self.files.group_statmap(story, desc, stat),
+                                   {"Description": text, "Participants": [e["sub"] for e in ents]}, sources)
             ceiling_info = {"median ISC ceiling": round(float(np.median(isc)), 3),
                             f"median CV r / ISC (ISC >= {MIN_CEILING})": round(float(np.nanmedian(frac)), 3)}
 
@@ -223,22 +239,21 @@ class GroupStory:
             summary, per_network = organization_metrics(corr, atoms, sub_df, float(card["dictionary_r2"]),
                                                         mean_r2, networks=list(atlas.labels))
             summary = dict(summary, atlas=atlas.name, model=cfg.model, story=story, participants=n)
-            base = f"task-{label(story)}_desc-{desc}"
             meta = {"Atlas": atlas.name, "MapThreshold": cfg.map_threshold, "MapRule": cfg.map_rule,
                     "Participants": n}
-            writer.write_tsv(corr, writer.group_path(f"{base}_overlap.tsv", story),
+            writer.write_tsv(corr, self.files.group_table(story, atlas.name, "overlap"),
                              {"Description": "Overlap of each group atom z map with each network.", **meta},
                              sources)
-            writer.write_tsv(links, writer.group_path(f"{base}_links.tsv", story),
+            writer.write_tsv(links, self.files.group_table(story, atlas.name, "links"),
                              {"Description": "Group atom -> network links.", **meta}, sources)
-            writer.write_tsv(agreement, writer.group_path(f"{base}_agreement.tsv", story),
+            writer.write_tsv(agreement, self.files.group_table(story, atlas.name, "agreement"),
                              {"Description": "Per atom x network x sign: how many participants show the "
                               "link, and how alike their thresholded maps are (mean pairwise Dice).",
                               **meta}, sources)
-            writer.write_tsv(per_network, writer.group_path(f"{base}_networks.tsv", story),
+            writer.write_tsv(per_network, self.files.group_table(story, atlas.name, "networks"),
                              {"Description": "Organization metrics per network (group links).", **meta},
                              sources)
-            writer.write_json(summary, writer.group_path(f"{base}_metrics.json", story), sources)
+            writer.write_json(summary, self.files.group_table(story, atlas.name, "metrics", ".json"), sources)
             metrics_out[atlas.name] = summary
             log.info("group %s %s: %d link(s)", story, atlas.name, len(links))
 
@@ -256,6 +271,13 @@ class GroupStory:
                 sec.note("No group atom map overlaps a network beyond the spatial null.", kind="info")
             sec.keyvalues({k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
         return metrics_out
+
+    def _needed(self, ent: dict, names: list[str]) -> list[Path]:
+        """Every participant file the group level reads for this story."""
+        out = [self._map(ent, desc=name, stat=stat) for name in names for stat in ("effect", "z")]
+        out += [self._map(ent, desc="cv", stat="r"), self._map(ent, desc="cv", stat="rsquared"),
+                self.files.fdr_mask(ent)]
+        return out
 
     def _isc_ceiling(self, ents, brain, mask):
         """The leave-one-out ISC ceiling of the story (>= 3 participants), or None (logged)."""
@@ -309,7 +331,7 @@ def compare_models(config: Config, writer: DerivativesWriter, report, own: dict)
             rows.append(dict(json.loads(f.read_text()), output_dir=str(other)))
     table = pd.DataFrame([{k: v for k, v in row.items() if not isinstance(v, (dict, list))}
                           for row in rows])
-    writer.write_tsv(table, writer.group_path("model_comparison.tsv"),
+    writer.write_tsv(table, OutputFiles(writer, config.space).model_comparison(),
                      {"Description": "Organization metrics of each model (one row per output folder, "
                       "story and atlas), side by side."}, [Path(p) for p in config.compare])
     sec = report.add_section("Model comparison", anchor="model-comparison")

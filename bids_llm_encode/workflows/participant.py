@@ -11,18 +11,19 @@ Only this module (and ``group.py``) knows the order of stages.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path  # noqa: F401
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from ..bids.images import AFFINE_ATOL_MM, check_mask, load_bold, unmask
 from ..bids.inputs import find_runs, run_summary
-from ..bids.outputs import DerivativesWriter
+from ..bids.outputs import DerivativesWriter, label, model_label  # noqa: F401 - label: for importers
+from ..bids.outputs import OutputFiles as ParticipantFiles
 from ..bids.validate import validate_dataset
 from ..cache import Cache, cache_root
 from ..config import Config
@@ -32,19 +33,6 @@ from ..records import Atlas, Dictionary, EncodingResult, RunInputs, Story, WordA
 from . import stimulus
 
 log = logging.getLogger(__name__)
-
-
-def label(text: str) -> str:
-    """A BIDS label (letters and digits) from a free name: ``smollm2-135m`` -> ``smollm2135m``."""
-    return re.sub(r"[^0-9A-Za-z]", "", text)
-
-
-def model_label(config: Config) -> str:
-    """The model's name in file and folder names (a path's stem for local models)."""
-    name = Path(config.model).name if ("/" in config.model or config.model.endswith(".gguf")) \
-        else config.model
-    name = re.sub(r"\.gguf$", "", name)
-    return re.sub(r"[^0-9A-Za-z.-]", "-", name)
 
 
 def run_participant_level(config: Config) -> None:
@@ -65,6 +53,7 @@ def run_participant_level(config: Config) -> None:
     writer = DerivativesWriter(config.output_dir, config)
     for i, subject in enumerate(sorted(by_subject), 1):
         log.info("[%d/%d] participant sub-%s", i, len(by_subject), subject)
+        writer.remove_temps(writer.subject_dir(subject))  # leftovers of a killed run of this participant
         writer.write_config(config.resolved(), "participant", subject)
         Participant(subject, by_subject[subject], config, cache, writer).run()
     log.info("participant level done in %.0f s; outputs in %s", time.perf_counter() - t0,
@@ -113,7 +102,7 @@ class Participant:
             participant_story_sections(report, result, cfg, self.writer)
         report.summary({"participant": f"sub-{self.subject}", "runs": len(self.runs),
                         "stories": len(groups), "model": cfg.model})
-        self.writer.write_text(report.to_html(), self.writer.report_path(self.subject))
+        self.writer.write_text(report.to_html(), self.files.report(self.subject))
 
     # ------------------------------------------------------------------ inputs
     def write_summary(self) -> pd.DataFrame:
@@ -151,8 +140,7 @@ class Participant:
         ent = {k: v for k, v in runs[0].entities.items() if k != "run"}
         data = []
         for r in runs:
-            img = nib.load(r.bold)
-            Y = np.asarray(img.dataobj, dtype=np.float32)[mask].T  # (frames, voxels)
+            Y = load_bold(r.bold, mask)  # (frames, voxels); a broken file is exit 65 naming it
             conf, sample_mask = load_confounds(r.bold, r.confounds, cfg.confounds_strategy, cfg.scrub)
             design = stimulus.run_design(r.frame_times - r.story_onset, story, acts, dic, cfg)
             writer.write_tsv(pd.DataFrame(design, columns=atom_names(dic.n_atoms)),
@@ -192,7 +180,7 @@ class Participant:
                                         "variance calibrated by the circular-shift null)"),
                                        ("z", enc.z[k], "z statistic of the effect, calibrated on the "
                                         "circular-shift null of the design (docs/encoding.md)")):
-                writer.write_nifti(unmask(values, mask_img),
+                writer.write_nifti(unmask(values, mask_img, nan=None if stat == "variance" else 0.0),
                                    self.files.statmap(ent, name, stat),
                                    {"Description": f"Atom {k}: {what}.", "Atom": k, "Statistic": stat,
                                     "Model": cfg.model, **info}, sources)
@@ -272,32 +260,6 @@ def atom_names(n_atoms: int) -> list[str]:
     return [f"atom{k:02d}" for k in range(n_atoms)]
 
 
-class ParticipantFiles:
-    """Which entities each participant-level output carries (the writer composes the names).
-
-    ``ent`` is a story's entities without space (sub, ses, task); maps add the space.
-    The group level reads through the same methods.
-    """
-
-    def __init__(self, writer: DerivativesWriter, space: str):
-        self.writer, self.space = writer, space
-
-    def summary(self, subject: str) -> Path:
-        return self.writer.path({"sub": subject, "desc": "runs"}, "summary", ".tsv")
-
-    def design(self, run_entities: dict) -> Path:
-        return self.writer.path(dict(run_entities, desc="atoms"), "design", ".tsv")
-
-    def statmap(self, ent: dict, desc: str, stat: str) -> Path:
-        return self.writer.path(dict(ent, space=self.space, desc=desc, stat=stat), "statmap", ".nii.gz")
-
-    def fdr_mask(self, ent: dict) -> Path:
-        return self.writer.path(dict(ent, space=self.space, desc="cvfdr"), "mask", ".nii.gz")
-
-    def table(self, ent: dict, atlas: str, suffix: str, extension: str = ".tsv") -> Path:
-        return self.writer.path(dict(ent, desc=label(atlas)), suffix, extension)
-
-
 def write_stimulus_outputs(writer: DerivativesWriter, story: Story, acts: WordActivations,
                            dic: Dictionary, sub_df: pd.DataFrame, cfg: Config) -> None:
     """The per-story, per-model files shared by all participants.
@@ -311,8 +273,8 @@ def write_stimulus_outputs(writer: DerivativesWriter, story: Story, acts: WordAc
     from ..cache import digest
     from ..patterns.subgroups import loadings_table
 
-    model = model_label(cfg)
-    card_path = writer.story_path(story.name, model, "modelcard.json")
+    model, files = model_label(cfg), ParticipantFiles(writer, cfg.space)
+    card_path = files.story(story.name, model, "modelcard")
     settings = digest(acts.card.get("cache_key"), dic.atoms.shape, dic.alpha, cfg.n_atoms, cfg.sparsity,
                       cfg.seed, cfg.atom_tr, cfg.hrf, cfg.subgroup)
     if card_path.exists():
@@ -324,23 +286,23 @@ def write_stimulus_outputs(writer: DerivativesWriter, story: Story, acts: WordAc
     names = atom_names(dic.n_atoms)
     atoms = pd.DataFrame(dic.atoms, columns=names)
     atoms.insert(0, "time", dic.frame_times)
-    writer.write_tsv(atoms, writer.story_path(story.name, model, "atoms.tsv"),
+    writer.write_tsv(atoms, files.story(story.name, model, "atoms"),
                      {"Description": "Atom time courses (dictionary D, unit-norm columns) on the story's "
                       "reference grid.", "time": {"Description": "time from the start of the story "
                       "audio", "Units": "s"}, "DictionaryR2": dic.r2, "Objective": dic.objective,
                       "Alpha": dic.alpha}, src)
-    writer.write_npz(dic.loadings, writer.story_path(story.name, model, "loadings.npz"),
+    writer.write_npz(dic.loadings, files.story(story.name, model, "loadings"),
                      {"Description": "Sparse loadings A (atoms x neurons), scipy.sparse CSR "
                       "(scipy.sparse.load_npz)."}, src)
     writer.write_tsv(loadings_table(dic.loadings, acts.layer, acts.unit),
-                     writer.story_path(story.name, model, "loadings.tsv"),
+                     files.story(story.name, model, "loadings_table"),
                      {"Description": "Non-zero loadings, long format: atom, neuron (column of X), "
                       "layer, unit within layer, loading."}, src)
-    writer.write_tsv(sub_df, writer.story_path(story.name, model, "subgroups.tsv"),
+    writer.write_tsv(sub_df, files.story(story.name, model, "subgroups"),
                      {"Description": f"AN sub-group of each atom ({cfg.subgroup}): size, signs and "
                       "histogram over layers."}, src)
     X = stimulus.neuron_series(story, acts, dic.frame_times, cfg)
-    writer.write_npy(X.astype(np.float16), writer.story_path(story.name, model, "neurons.npy"),
+    writer.write_npy(X.astype(np.float16), files.story(story.name, model, "neurons"),
                      {"Description": "Neuron frame series X (frames x neurons, z-scored, float16) on "
                       "the reference grid of atoms.tsv; numpy.load. Columns follow loadings.tsv's "
                       "neuron index.", "FrameTimes": dic.frame_times.tolist()}, src)
@@ -350,29 +312,16 @@ def write_stimulus_outputs(writer: DerivativesWriter, story: Story, acts: WordAc
                       card_path, src)
 
 
-def unmask(values: np.ndarray, mask_img, dtype=np.float32, outside: float = 0) -> nib.Nifti1Image:
-    """Put mask-ordered voxel values back into the mask's 3D grid (``outside`` elsewhere)."""
-    mask = np.asarray(mask_img.dataobj) > 0
-    out = np.full(mask.shape, outside, dtype=dtype)
-    out[mask] = np.nan_to_num(np.asarray(values, dtype=np.float64)).astype(dtype)
-    img = nib.Nifti1Image(out, mask_img.affine)
-    img.header.set_xyzt_units("mm")
-    return img
-
-
 def _common_mask(runs: list[RunInputs]) -> nib.Nifti1Image:
-    """The intersection of the runs' brain masks (they must share a grid)."""
-    first = nib.load(runs[0].mask)
+    """The intersection of the runs' brain masks (they must share a grid; each is on its BOLD's)."""
+    first = check_mask(runs[0].mask, runs[0].bold)
     mask = np.asarray(first.dataobj) > 0
     for r in runs:
-        img = nib.load(r.mask)
-        if img.shape[:3] != first.shape[:3] or not np.allclose(img.affine, first.affine, atol=1e-3):
+        img = check_mask(r.mask, r.bold)
+        if img.shape[:3] != first.shape[:3] or not np.allclose(img.affine, first.affine,
+                                                               atol=AFFINE_ATOL_MM, rtol=0):
             raise DataError(f"{r.mask}: brain mask grid differs from {runs[0].mask}; runs of one "
                             "story must be in the same space and resolution")
-        bold = nib.load(r.bold)
-        if bold.shape[:3] != first.shape[:3]:
-            raise DataError(f"{r.bold}: BOLD grid {bold.shape[:3]} differs from its mask "
-                            f"{r.mask} {first.shape[:3]}")
         mask &= np.asarray(img.dataobj) > 0
     if not mask.any():
         raise DataError(f"{runs[0].mask}: the brain mask is empty")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from ..bids.images import unmask
 from ..config import Config
 from ..encoding.stats import MIN_CEILING, ceiling_fraction
 from ..records import RunInputs
@@ -71,8 +72,6 @@ def participant_story_sections(report, result, cfg: Config, writer) -> None:
                       if enc.noise_ceiling is not None else {})})
     sec.figure(fig.cv_r_histogram(enc.cv_r, enc.significant),
                "Cross-validated prediction accuracy over voxels; significant voxels highlighted.")
-    from .participant import unmask
-
     sec.figure(fig.glass_brain(unmask(np.where(enc.significant, enc.cv_r, 0), result.mask_img),
                                "CV r (FDR-significant voxels)", threshold=1e-6),
                "Best-predicted voxels: cross-validated r where it is significant.")

@@ -69,8 +69,12 @@ def story_dictionary(story: Story, config: Config, cache: Cache) -> tuple[WordAc
                  config.seed)
 
     def create(folder):
-        log.info("story %s: learning %d atoms from %d neurons x %d frames", story.name,
-                 config.n_atoms, acts.values.shape[1], len(grid))
+        from ..patterns.dictionary import check_memory
+
+        need = check_memory(len(grid), acts.values.shape[1], config.n_atoms, config.mem_mb,
+                            f"story {story.name}")  # --mem-mb too small: exit 64 before learning
+        log.info("story %s: learning %d atoms from %d neurons x %d frames (about %d MB)", story.name,
+                 config.n_atoms, acts.values.shape[1], len(grid), need // 2**20)
         X = neuron_series(story, acts, grid, config)
         d = learn_dictionary(X, n_atoms=config.n_atoms, sparsity=config.sparsity, seed=config.seed,
                              device=torch_device(config.device), frame_times=grid)

@@ -1,0 +1,231 @@
+"""The one checked reader of input images (BOLD, brain masks), and ``unmask``.
+
+Every input NIfTI goes through here, so that a broken or wrong file is a
+:class:`~bids_llm_encode.errors.DataError` (exit 65) that names the file and
+says what is wrong, never a traceback from nibabel, gzip or numpy:
+
+- :func:`check_bold` / :func:`check_mask` run on every run found, *before* the
+  language model runs (``bids/inputs.py``): headers only for the BOLD (plus the
+  gzip trailer, so that a truncated file is caught early), the whole (small)
+  mask. Checked: readable, NIfTI, dimensionality (a mask ``(x, y, z, 1)`` is
+  squeezed), mask and BOLD on the same grid (shape equal, affines within
+  :data:`AFFINE_ATOL_MM`), mask not empty and not all-NaN.
+- :func:`load_bold` / :func:`load_mask` are the full reads of the participant
+  workflow; a read error (a file truncated in the middle) is reported the same
+  way, and a BOLD that is NaN everywhere inside the mask is refused.
+
+``unmask`` (mask-ordered values back into a 3D image) lives here too, for the
+participant and group workflows and the report (it used to sit in
+``workflows/participant.py``, which made an import circle with ``workflows/report.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zlib
+from pathlib import Path
+from typing import Optional
+
+import nibabel as nib
+import numpy as np
+
+from ..errors import DataError
+
+log = logging.getLogger(__name__)
+
+#: Two grids are the same when their shapes are equal and every affine entry
+#: differs by at most this much (mm for the translations, mm per voxel otherwise).
+AFFINE_ATOL_MM = 1e-3
+
+_READ_ERRORS = (OSError, EOFError, zlib.error, ValueError, MemoryError, nib.filebasedimages.ImageFileError)
+
+
+def _what_failed(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, EOFError) or "ended before" in text or "truncated" in text.lower():
+        return f"the file is truncated ({text})"
+    return f"{type(exc).__name__}: {text}"
+
+
+def _open(path: Path, what: str) -> nib.Nifti1Image:
+    path = Path(path)
+    try:
+        img = nib.load(os.fspath(path))
+    except _READ_ERRORS as exc:
+        raise DataError(f"{path}: cannot read the {what} as a NIfTI image: {_what_failed(exc)}. "
+                        "Replace the file (rerun fMRIPrep for it, or copy it again).") from None
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise DataError(f"{path}: the {what} is a {type(img).__name__}, not a NIfTI image. "
+                        "Give the .nii.gz fMRIPrep wrote.")
+    return img
+
+
+def _expected_bytes(img) -> int:
+    hdr = img.header
+    return int(hdr.get_data_offset()) + int(np.prod(img.shape)) * np.dtype(hdr.get_data_dtype()).itemsize
+
+
+def _check_complete(path: Path, img, what: str) -> None:
+    """A truncated file is caught from its size (``.nii``) or its gzip trailer (``.nii.gz``).
+
+    The trailer's ISIZE (uncompressed size mod 2^32) is compared with what the
+    header announces; only when they differ (a truncated file, or a multi-member
+    gzip whose last member does not hold everything) is the file decompressed
+    once to tell.
+    """
+    expected = _expected_bytes(img)
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if not path.name.endswith(".gz"):
+            if size < expected:
+                raise DataError(f"{path}: the {what} is truncated: {size} bytes where the header "
+                                f"announces {expected}. Replace the file.")
+            return
+        with open(path, "rb") as fh:
+            if size >= 18:
+                fh.seek(-4, os.SEEK_END)
+                if int.from_bytes(fh.read(4), "little") == expected % 2**32:
+                    return
+            fh.seek(0)
+            total, d = 0, zlib.decompressobj(wbits=31)
+            while block := fh.read(1 << 22):
+                while block:
+                    total += len(d.decompress(block))
+                    if d.eof:  # another gzip member may follow
+                        block, d = d.unused_data, zlib.decompressobj(wbits=31)
+                    else:
+                        block = b""
+    except zlib.error as exc:
+        raise DataError(f"{path}: the {what} is not a valid gzip file ({exc}). Replace the file.") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the {what}: {exc.strerror or exc}.") from None
+    if total < expected:
+        raise DataError(f"{path}: the {what} is truncated: {total} bytes once decompressed where the "
+                        f"header announces {expected}. Replace the file (rerun fMRIPrep for it, or copy "
+                        "it again).")
+
+
+def _same_grid(a, b) -> bool:
+    return tuple(a.shape[:3]) == tuple(b.shape[:3]) and np.allclose(a.affine, b.affine, atol=AFFINE_ATOL_MM,
+                                                                   rtol=0)
+
+
+def _grid(img) -> str:
+    aff = np.round(np.asarray(img.affine), 4).tolist()
+    return f"shape {tuple(int(x) for x in img.shape[:3])}, affine {aff}"
+
+
+def check_bold(path: Path) -> nib.Nifti1Image:
+    """Header checks of a preprocessed BOLD file; returns the (lazy) image.
+
+    Raises
+    ------
+    DataError (65)
+        Unreadable, not NIfTI, truncated, not 4D, no frames.
+    """
+    img = _open(path, "BOLD image")
+    if img.ndim != 4:
+        raise DataError(f"{path}: expected a 4D BOLD image (x, y, z, frames), got shape {img.shape}. "
+                        "Give fMRIPrep's desc-preproc_bold file.")
+    if img.shape[3] < 1 or min(img.shape[:3]) < 1:
+        raise DataError(f"{path}: the BOLD image has shape {img.shape}: no frames or no voxels")
+    _check_complete(Path(path), img, "BOLD image")
+    return img
+
+
+def load_mask(path: Path) -> nib.Nifti1Image:
+    """A brain mask as a 3D uint8 image (0/1), read in full; ``(x, y, z, 1)`` is squeezed.
+
+    Raises
+    ------
+    DataError (65)
+        Unreadable, not NIfTI, truncated, not 3D, all-NaN or empty.
+    """
+    img = _open(path, "brain mask")
+    shape = img.shape
+    if len(shape) == 4 and shape[3] == 1:
+        log.info("%s: 4D mask of one volume %s; using it as 3D", path, shape)
+        shape = shape[:3]
+    elif len(shape) != 3:
+        raise DataError(f"{path}: a brain mask must be 3D, got shape {shape}. Give fMRIPrep's "
+                        "desc-brain_mask file of the same run and space as the BOLD.")
+    try:
+        data = np.asarray(img.dataobj).reshape(shape)
+    except _READ_ERRORS as exc:
+        raise DataError(f"{path}: cannot read the brain mask: {_what_failed(exc)}. Replace the file.") from None
+    if data.dtype.kind == "f" and np.isnan(data).all():
+        raise DataError(f"{path}: the brain mask is NaN everywhere. Replace the file.")
+    mask = np.nan_to_num(data) > 0
+    if not mask.any():
+        raise DataError(f"{path}: the brain mask is empty (no voxel > 0). Replace the file.")
+    out = nib.Nifti1Image(mask.astype(np.uint8), img.affine)
+    out.header.set_xyzt_units("mm")
+    return out
+
+
+def check_mask(path: Path, bold_path: Path, bold_img=None) -> nib.Nifti1Image:
+    """:func:`load_mask`, and the mask on the BOLD's grid (shape and affine).
+
+    Raises
+    ------
+    DataError (65)
+        What :func:`load_mask` raises, or a grid mismatch (both files named).
+    """
+    mask = load_mask(path)
+    bold = bold_img if bold_img is not None else check_bold(bold_path)
+    if not _same_grid(mask, bold):
+        raise DataError(f"the brain mask {path} ({_grid(mask)}) and the BOLD {bold_path} ({_grid(bold)}) "
+                        f"are not on the same grid (shapes must be equal and affines agree within "
+                        f"{AFFINE_ATOL_MM} mm). Give the mask of the same run, space and resolution.")
+    return mask
+
+
+def load_bold(path: Path, mask: np.ndarray) -> np.ndarray:
+    """The BOLD inside ``mask`` as float32 (frames, voxels), read in full.
+
+    Raises
+    ------
+    DataError (65)
+        A read error (truncated), a mask of another shape, or no finite value
+        inside the mask. Voxels with NaN are logged (once, with the file).
+    """
+    img = check_bold(path)
+    mask = np.asarray(mask, dtype=bool)
+    if img.shape[:3] != mask.shape:
+        raise DataError(f"{path}: BOLD grid {img.shape[:3]} differs from its mask's {mask.shape}")
+    try:
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except _READ_ERRORS as exc:
+        raise DataError(f"{path}: cannot read the BOLD image: {_what_failed(exc)}. Replace the file "
+                        "(rerun fMRIPrep for it, or copy it again).") from None
+    Y = data[mask].T
+    finite = np.isfinite(Y)
+    if not finite.any():
+        raise DataError(f"{path}: the BOLD is NaN (or infinite) in every voxel of the brain mask. "
+                        "Replace the file.")
+    bad = int((~finite.all(axis=0)).sum())
+    if bad:
+        log.warning("%s: %d of %d voxels inside the mask have NaN or infinite values", path, bad, Y.shape[1])
+    return Y
+
+
+def unmask(values: np.ndarray, mask_img, dtype=np.float32, outside: float = 0,
+           nan: Optional[float] = 0.0) -> nib.Nifti1Image:
+    """Put mask-ordered voxel values back into the mask's 3D grid (``outside`` elsewhere).
+
+    ``nan``: what NaN inside the mask becomes (default 0); ``None`` keeps NaN
+    (a map where NaN means "not estimable", e.g. the atoms' variance maps).
+    """
+    mask = np.asarray(mask_img.dataobj) > 0
+    out = np.full(mask.shape, outside, dtype=dtype)
+    vals = np.asarray(values, dtype=np.float64)
+    if nan is None:
+        vals = np.where(np.isnan(vals), np.nan, np.nan_to_num(vals))
+    else:
+        vals = np.nan_to_num(vals, nan=nan)
+    out[mask] = vals.astype(dtype)
+    img = nib.Nifti1Image(out, mask_img.affine)
+    img.header.set_xyzt_units("mm")
+    return img
