@@ -475,8 +475,8 @@ def test_temp_names_are_recognised_and_removed_on_rerun(raw, tmp_path):
     left.write_bytes(b"half")
     story = w.story_path("pieman", "m", "atoms.tsv")
     story.parent.mkdir(parents=True)
-    old = story.parent / f".atoms.tsv.123.abcdefgh.tmp"
-    young = story.parent / f".atoms.json.124.abcdefgh.tmp"
+    old = story.parent / ".atoms.tsv.123.abcdefgh.tmp"
+    young = story.parent / ".atoms.json.124.abcdefgh.tmp"
     old.write_text("x")
     young.write_text("x")
     os.utime(old, (0, os.stat(old).st_mtime - STALE_TEMP_AGE_S - 10))
