@@ -35,7 +35,7 @@ def _story_series(run: RunInputs, mask: np.ndarray, grid: np.ndarray, strategy: 
     Y = np.asarray(nib.load(run.bold).dataobj, dtype=np.float32)[mask].T
     kept = np.arange(Y.shape[0]) if sample_mask is None else np.asarray(sample_mask)
     clean = signal.clean(Y.astype(np.float64), confounds=conf, sample_mask=sample_mask, detrend=False,
-                         standardize=False, standardize_confounds=True, filter=False)
+                         standardize=None, standardize_confounds=True, filter=False)
     t = run.frame_times[kept] - run.story_onset
     j = np.clip(np.searchsorted(t, grid), 1, max(len(t) - 1, 1))
     j = np.where(np.abs(t[j - 1] - grid) <= np.abs(t[j] - grid), j - 1, j)
