@@ -939,24 +939,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def dataset_main(prog: str, parser, make, argv: Optional[Sequence[str]] = None) -> int:
+    """A dataset writer's command line: parse, log, ``make(args) -> Path``, print the path.
+
+    Errors print one line and return their exit code (usage 64, as the app).
+    """
     try:
-        args = build_parser().parse_args(argv)
-    except BidsAppError as exc:  # usage errors: exit 64, as the app
-        print(f"bids_llm_encode-demo: error: {exc}", file=sys.stderr)
+        args = parser.parse_args(argv)
+    except BidsAppError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    options = {k: v for k, v in (("model", args.model), ("n_atoms", args.n_atoms),
-                                 ("sparsity", args.sparsity)) if v is not None}
     try:
-        path = generate_demo(args.out_dir, plant=args.plant, n_subjects=args.participants, seed=args.seed,
-                             cache_dir=args.cache_dir, overwrite=args.overwrite, model_options=options)
+        path = make(args)
     except BidsAppError as exc:
-        print(f"bids_llm_encode-demo: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     print(path)
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    def make(args):
+        options = {k: v for k, v in (("model", args.model), ("n_atoms", args.n_atoms),
+                                     ("sparsity", args.sparsity)) if v is not None}
+        return generate_demo(args.out_dir, plant=args.plant, n_subjects=args.participants, seed=args.seed,
+                             cache_dir=args.cache_dir, overwrite=args.overwrite, model_options=options)
+
+    return dataset_main("bids_llm_encode-demo", build_parser(), make, argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -52,10 +52,10 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from .. import __version__
-from ..errors import BidsAppError, UsageError
+from ..errors import UsageError
 from .generate import (
     STORY, TR, _smooth_walk, _write_json, _write_nifti, _write_raw_top, _write_text, _write_tsv,
-    align_story, cosine_basis, make_grid, story_text, write_dataset, write_run,
+    align_story, cosine_basis, dataset_main, make_grid, story_text, write_dataset, write_run,
 )
 
 log = logging.getLogger(__name__)
@@ -457,22 +457,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except BidsAppError as exc:
-        print(f"bids_llm_encode-simulate: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    try:
-        path = simulate_dataset(args.out_dir, n_null=args.null, n_planted=args.planted, seed=args.seed,
+    def make(args):
+        return simulate_dataset(args.out_dir, n_null=args.null, n_planted=args.planted, seed=args.seed,
                                 voxel_mm=args.voxel_mm, model=args.model, cache_dir=args.cache_dir,
                                 overwrite=args.overwrite)
-    except BidsAppError as exc:
-        print(f"bids_llm_encode-simulate: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    print(path)
-    return 0
+
+    return dataset_main("bids_llm_encode-simulate", build_parser(), make, argv)
 
 
 if __name__ == "__main__":  # pragma: no cover
