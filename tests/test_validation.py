@@ -137,3 +137,14 @@ def test_truth_file_names_the_planted_neurons_and_networks(validation):
     assert set(truth["truth_networks"]) == {p.name for p in PLANTS}
     kinds = {r["subject"]: r["kind"] for r in truth["runs"]}
     assert kinds == {"01": "null", "02": "null", "03": "planted"}
+
+
+def test_simulate_command_line_errors(tmp_path):
+    from bids_llm_encode.demo.simulate import main
+
+    assert main([str(tmp_path / "a"), "--null", "-1"]) == 64
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("x")
+    assert main([str(full), "--null", "1", "--planted", "0"]) == 73
+    assert [p.name for p in tmp_path.iterdir()] == ["full"]  # nothing half-written
