@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -225,13 +224,11 @@ def _check_runs(runs: Sequence[RunData]) -> tuple[int, int]:
 
 
 def _clean(X: np.ndarray, conf, sample_mask) -> np.ndarray:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = signal.clean(
-            np.asarray(X, dtype=np.float64), detrend=False, standardize="zscore_sample",
-            confounds=conf, standardize_confounds=True, filter=False, sample_mask=sample_mask,
-        )
-    return out
+    """nilearn's confound regression and z-scoring of one run's BOLD at its kept frames."""
+    return signal.clean(
+        np.asarray(X, dtype=np.float64), detrend=False, standardize="zscore_sample",
+        confounds=conf, standardize_confounds=True, filter=False, sample_mask=sample_mask,
+    )
 
 
 
