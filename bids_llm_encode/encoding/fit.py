@@ -549,27 +549,13 @@ def fit_encoding(
             r2_in[gidx] = bk.to_numpy(ess) / sst
             flops["glm"] += observed_ops.glm_flops(nv)
             if noise_model == "ols":
-                num = np.zeros((K, nv))
-                den = np.zeros((K, nv))
-                for e, se in zip(eff_runs, se_runs):
-                    var_r = np.maximum(se**2, 1e-30)
-                    num += e / var_r
-                    den += 1.0 / var_r
-                effect[:, gidx] = num / den
-                variance[:, gidx] = 1.0 / den
-                zmap[:, gidx] = stats.t_to_z(effect[:, gidx] * np.sqrt(den), sum(glm_df))
+                effect[:, gidx], variance[:, gidx], zmap[:, gidx] = _fixed_effects(
+                    eff_runs, [se**2 for se in se_runs], sum(glm_df))
             elif noise_model == "ar1":
-                num = np.zeros((K, nv))
-                den = np.zeros((K, nv))
-                df_tot = 0
-                for i in range(len(runs)):
-                    e, v, df = _glm_run(Yruns[i], prep.D[i].astype(np.float64), prep.n_conf[i], noise_model)
-                    num += e / v
-                    den += 1.0 / v
-                    df_tot += df
-                effect[:, gidx] = num / den
-                variance[:, gidx] = 1.0 / den
-                zmap[:, gidx] = stats.t_to_z(effect[:, gidx] / np.sqrt(variance[:, gidx]), df_tot)
+                fits = [_glm_run(Yruns[i], prep.D[i].astype(np.float64), prep.n_conf[i], noise_model)
+                        for i in range(len(runs))]
+                effect[:, gidx], variance[:, gidx], zmap[:, gidx] = _fixed_effects(
+                    [f[0] for f in fits], [f[1] for f in fits], sum(f[2] for f in fits))
             if groups:
                 ceiling[gidx] = np.mean([_noise_ceiling(Yc, pr) for pr in pairs.values()], axis=0)
             del Yruns
@@ -636,17 +622,11 @@ def fit_encoding(
                 null_sd[gidx] = np.sqrt(np.maximum(s2 - s1**2 / n_permutations, 0) / max(n_permutations - 1, 1))
                 r2_chance[gidx] = bk.to_numpy(r2_sum).astype(np.float64) / n_permutations / sst
                 if noise_model == "shift":
-                    # variance = white-noise OLS variance x the mean square of t under the shifts
-                    num = np.zeros((K, nv))
-                    den = np.zeros((K, nv))
-                    for e, se, acc in zip(eff_runs, se_runs, t_sq):
-                        calib = bk.to_numpy(acc).astype(np.float64) / n_permutations
-                        var_r = np.maximum(se**2 * calib, 1e-30)
-                        num += e / var_r
-                        den += 1.0 / var_r
-                    effect[:, gidx] = num / den
-                    variance[:, gidx] = 1.0 / den
-                    zmap[:, gidx] = stats.t_to_z(effect[:, gidx] * np.sqrt(den), n_permutations)
+                    # variance = white-noise variance x the mean square of t under the shifts
+                    calibrated = [se**2 * bk.to_numpy(acc).astype(np.float64) / n_permutations
+                                  for se, acc in zip(se_runs, t_sq)]
+                    effect[:, gidx], variance[:, gidx], zmap[:, gidx] = _fixed_effects(
+                        eff_runs, calibrated, n_permutations)
                 del t_sq
             timings["null"] += time.perf_counter() - t
             del fold_cache, Yc, Ycb, Yraw
@@ -707,6 +687,13 @@ def fit_encoding(
     return EncodingResult(effect=effect, variance=variance, z=zmap, cv_r=cv_r, cv_r2=cv_r2, p=p,
                           significant=significant, in_sample_r2=r2_in, noise_ceiling=ceiling,
                           design=Dc, in_sample_r2_chance=r2_chance, info=info)
+
+
+def _fixed_effects(effects: list, variances: list, df):
+    """Inverse-variance combination over runs: effect, its variance and z (t with ``df`` -> z)."""
+    den = sum(1.0 / np.maximum(v, 1e-30) for v in variances)
+    effect = sum(e / np.maximum(v, 1e-30) for e, v in zip(effects, variances)) / den
+    return effect, 1.0 / den, stats.t_to_z(effect * np.sqrt(den), df)
 
 
 def _ridge_cv_flops(n_train: int, n_test: int, inner, n_alphas: int, n_used: int, K: int, v: int) -> float:
