@@ -660,7 +660,6 @@ def write_dataset(out_dir: Path, overwrite: bool, build) -> None:
 
 def _generate(root: Path, plant, n_subjects: int, seed: int, cache_dir, atlas: Optional[Atlas],
               model_options: Optional[dict] = None) -> None:
-    import nibabel as nib
 
     plant = make_plant(plant, cache_dir=Path(cache_dir) if cache_dir else None, config_overrides=model_options)
     subs = _participants(n_subjects)
@@ -700,24 +699,8 @@ def _generate(root: Path, plant, n_subjects: int, seed: int, cache_dir, atlas: O
         weights[j, member] = c.gain * rng_space.uniform(lo, hi, int(member.sum()))
     driven = np.any(weights != 0, axis=0)
 
-    # Derivatives top.
-    fprep = root / "derivatives" / "fmriprep"
-    _write_json(fprep / "dataset_description.json", {
-        "Name": "fMRIPrep - fMRI PREProcessing workflow (synthetic, bids_llm_encode demo)",
-        "BIDSVersion": "1.4.0",
-        "DatasetType": "derivative",
-        "GeneratedBy": [{"Name": "fMRIPrep", "Version": "20.2.7", "CodeURL": "https://github.com/nipreps/fmriprep",
-                         "Description": "synthetic outputs in fMRIPrep's layout, written by bids_llm_encode-demo"}],
-        "HowToAcknowledge": "Synthetic data written by bids_llm_encode-demo.",
-        "SourceDatasets": [{"URL": "bids:raw:"}],
-        "DatasetLinks": {"raw": "../../"},
-    })
-    code = root / "code"
-    vol = np.zeros((len(couplings),) + grid.shape, np.float32)
-    vol[:, grid.mask] = weights
-    truth_maps = nib.Nifti1Image(np.moveaxis(vol, 0, -1), grid.affine)
-    truth_maps.header.set_xyzt_units("mm")
-    _write_nifti(code / "demo_truth_maps.nii.gz", truth_maps)
+    write_fmriprep_description(root, "bids_llm_encode demo", "bids_llm_encode-demo")
+    write_voxel_maps(root / "code" / "demo_truth_maps.nii.gz", grid, weights)
 
     # Small dense linear algebra: one BLAS thread is fast and immune to oversubscription.
     from threadpoolctl import threadpool_limits
@@ -806,6 +789,31 @@ def _write_runs(root: Path, plant, story: Story, al: Alignment, subs: list, grid
             })
             log.info("wrote %s (%d frames)", ent, n_frames)
     return runs_truth
+
+
+def write_fmriprep_description(root: Path, name: str, generator: str) -> None:
+    """``derivatives/fmriprep/dataset_description.json`` of a synthetic dataset."""
+    _write_json(root / "derivatives" / "fmriprep" / "dataset_description.json", {
+        "Name": f"fMRIPrep - fMRI PREProcessing workflow (synthetic, {name})",
+        "BIDSVersion": "1.4.0",
+        "DatasetType": "derivative",
+        "GeneratedBy": [{"Name": "fMRIPrep", "Version": "20.2.7", "CodeURL": "https://github.com/nipreps/fmriprep",
+                         "Description": f"synthetic outputs in fMRIPrep's layout, written by {generator}"}],
+        "HowToAcknowledge": f"Synthetic data written by {generator}.",
+        "SourceDatasets": [{"URL": "bids:raw:"}],
+        "DatasetLinks": {"raw": "../../"},
+    })
+
+
+def write_voxel_maps(path: Path, grid: Grid, values: np.ndarray) -> None:
+    """Mask-ordered maps (n_maps, n_vox) as a 4D NIfTI on the grid (0 outside the mask)."""
+    import nibabel as nib
+
+    vol = np.zeros((len(values),) + grid.shape, np.float32)
+    vol[:, grid.mask] = values
+    img = nib.Nifti1Image(np.moveaxis(vol, 0, -1), grid.affine)
+    img.header.set_xyzt_units("mm")
+    _write_nifti(path, img)
 
 
 def write_run(root: Path, sub: str, ent: str, bold: np.ndarray, motion: np.ndarray, grid: Grid,

@@ -54,8 +54,9 @@ from threadpoolctl import threadpool_limits
 from .. import __version__
 from ..errors import UsageError
 from .generate import (
-    STORY, TR, _smooth_walk, _write_json, _write_nifti, _write_raw_top, _write_text, _write_tsv,
-    align_story, cosine_basis, dataset_main, make_grid, story_text, write_dataset, write_run,
+    STORY, TR, _smooth_walk, _write_json, _write_raw_top, _write_text, _write_tsv,
+    align_story, cosine_basis, dataset_main, make_grid, story_text, write_dataset, write_fmriprep_description,
+    write_run, write_voxel_maps,
 )
 
 log = logging.getLogger(__name__)
@@ -330,7 +331,6 @@ def word_activations(story, model: str, cache_dir=None):
 
 def _simulate(root: Path, n_null: int, n_planted: int, seed: int, voxel_mm: float, model: str,
               cache_dir) -> None:
-    import nibabel as nib
     import pandas as pd
 
     from ..bids.stimuli import read_gentle_csv
@@ -368,20 +368,9 @@ def _simulate(root: Path, n_null: int, n_planted: int, seed: int, voxel_mm: floa
                 neurons = choose_neurons(rng_truth, acts.layer, plant.depth, plant.n_neurons)
                 groups[plant.name] = neurons
                 amplitudes[plant.name] = word_amplitudes(acts.values, neurons)
-    fprep = root / "derivatives" / "fmriprep"
-    _write_json(fprep / "dataset_description.json", {
-        "Name": "fMRIPrep - fMRI PREProcessing workflow (synthetic, bids_llm_encode-simulate)",
-        "BIDSVersion": "1.4.0", "DatasetType": "derivative",
-        "GeneratedBy": [{"Name": "fMRIPrep", "Version": "20.2.7", "CodeURL": "https://github.com/nipreps/fmriprep",
-                         "Description": "synthetic outputs in fMRIPrep's layout, written by bids_llm_encode-simulate"}],
-        "SourceDatasets": [{"URL": "bids:raw:"}], "DatasetLinks": {"raw": "../../"},
-    })
+    write_fmriprep_description(root, "bids_llm_encode-simulate", "bids_llm_encode-simulate")
     code = root / "code"
-    vol = np.zeros((len(PLANTS),) + grid.shape, np.float32)
-    vol[:, grid.mask] = maps
-    img = nib.Nifti1Image(np.moveaxis(vol, 0, -1), grid.affine)
-    img.header.set_xyzt_units("mm")
-    _write_nifti(code / "simulation_maps.nii.gz", img)
+    write_voxel_maps(code / "simulation_maps.nii.gz", grid, maps)
     gain = maps / np.sqrt(1.0 - maps**2)  # signal sd (noise-sd units) giving r with unit-variance noise
     runs_truth = []
 
