@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--window-tokens", type=int, default=None)
     m.add_argument("--word-pooling", choices=["last", "mean"], default=None)
     m.add_argument("--hrf", choices=["spm", "glover"], default=None)
+    m.add_argument("--an-centering", choices=["mean", "none"], default=None,
+                   help="remove each neuron's mean over the story's words before the HRF (mean, default), "
+                        "so that the word-rate carrier is left to the word-rate baseline; none keeps it")
 
     a = p.add_argument_group("patterns")
     a.add_argument("--n-atoms", type=int, default=None)

@@ -27,6 +27,7 @@ CHOICES = {
     "neurons": ("mlp-out", "mlp-hidden", "residual"),
     "word_pooling": ("last", "mean"),
     "hrf": ("spm", "glover"),
+    "an_centering": ("mean", "none"),
     "group_model": ("random", "fixed"),
     "atom_model": ("marginal", "joint"),
     "map_rule": ("winner", "all"),
@@ -72,6 +73,7 @@ class Config:
     window_tokens: int = 1024
     word_pooling: str = "last"  # last | mean
     hrf: str = "spm"  # spm | glover
+    an_centering: str = "mean"  # mean: each AN's mean over the story's words removed | none (docs/patterns.md)
     # patterns (section 3)
     n_atoms: int = 64
     sparsity: float = 0.15  # relative lambda: R^2 ~0.55 on MiniLM (BERT), docs/patterns.md

@@ -181,6 +181,16 @@ class EncodingResult:
         Mean in-sample R^2 of the same OLS fit under the circular-shift null:
         the chance level of ``in_sample_r2`` (64 atoms on ~300 frames reach ~0.2
         with no signal).
+    cv_r2_baseline, cv_r2_joint, cv_r2_unique : ndarray or None, shape (n_voxels,)
+        With baseline regressors (word rate, ...): the CV R^2 of the baselines
+        alone, of baselines + atoms, and the atoms' unique part (joint - baseline).
+    cv_r_unique : ndarray or None, shape (n_voxels,)
+        The unique part's test statistic: mean over folds of the r between the
+        atoms' part of the joint prediction and the held-out BOLD less the
+        baselines' prediction.
+    p_unique, significant_unique : ndarray or None, shape (n_voxels,)
+        One-sided p of ``cv_r_unique`` under the atoms' circular-shift null (the
+        baselines kept in place), and its FDR calls.
     """
 
     effect: np.ndarray
@@ -195,6 +205,12 @@ class EncodingResult:
     design: np.ndarray
     in_sample_r2_chance: Optional[np.ndarray] = None
     info: dict = field(default_factory=dict)
+    cv_r2_baseline: Optional[np.ndarray] = None
+    cv_r2_joint: Optional[np.ndarray] = None
+    cv_r2_unique: Optional[np.ndarray] = None
+    cv_r_unique: Optional[np.ndarray] = None
+    p_unique: Optional[np.ndarray] = None
+    significant_unique: Optional[np.ndarray] = None
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,12 @@ class RunData:
     story_end : float or None
         Audio time of the last word's end (s): the noise ceiling uses frames up to
         ``CEILING_TAIL_S`` after it.
+    baseline : ndarray, shape (n_frames, n_baselines), or None
+        Low-level regressors at this run's frames (word rate, phoneme rate, audio
+        envelope: ``signal.baselines``), a second feature space: the atoms' effect
+        maps are estimated with them in the model, and the cross-validated R^2 is
+        partitioned between them and the atoms (see :func:`fit_encoding`). All
+        runs have one or none.
     """
 
     Y: np.ndarray
@@ -104,6 +110,7 @@ class RunData:
     story_frames: Optional[int] = None
     story_time: Optional[np.ndarray] = None
     story_end: Optional[float] = None
+    baseline: Optional[np.ndarray] = None
 
 
 CEILING_TAIL_S = 8.0  # the haemodynamic response to the last words (its peak is ~5 s)
@@ -118,6 +125,9 @@ class _Prepared:
     D_raw: list  # design per run at kept frames, z-scored, before confound regression
     C: list  # per run (n_kept, c + 1): standardized confounds at kept frames and an intercept
     Q: list  # per run: orthonormal basis of C's columns
+    Q_glm: list  # per run: orthonormal basis of C's and the baselines' columns (the atom maps' model)
+    Qb: list  # per run: orthonormal basis of the baselines cleaned of C (None without baselines)
+    B_raw: list  # per run: z-scored baselines at kept frames (None without baselines)
 
 
 def _orth(C: np.ndarray) -> np.ndarray:
@@ -211,6 +221,17 @@ def _check_runs(runs: Sequence[RunData]) -> tuple[int, int]:
                 f"{lab}: {Y.shape[1]} voxels x {D.shape[1]} atoms, but the first run has "
                 f"{n_vox} x {n_atoms}; all runs must share the mask and the atoms"
             )
+        if (run.baseline is None) != (runs[0].baseline is None):
+            raise DataError(f"{lab}: baseline regressors in some runs and not in others")
+        if run.baseline is not None:
+            B = np.asarray(run.baseline)
+            if B.ndim != 2 or B.shape[0] != Y.shape[0] or B.shape[1] < 1:
+                raise DataError(f"{lab}: baselines must be (frames, n_baselines) with {Y.shape[0]} frames, "
+                                f"got shape {B.shape}")
+            if B.shape[1] != np.shape(runs[0].baseline)[1]:
+                raise DataError(f"{lab}: {B.shape[1]} baselines, the first run has {np.shape(runs[0].baseline)[1]}")
+            if not np.isfinite(B).all():
+                raise DataError(f"{lab}: the baselines have non-finite values")
         if run.confounds is not None and len(run.confounds) != Y.shape[0]:
             raise DataError(f"{lab}: {len(run.confounds)} confound rows for {Y.shape[0]} frames")
         if run.sample_mask is not None:
@@ -233,7 +254,7 @@ def _clean(X: np.ndarray, conf, sample_mask) -> np.ndarray:
 
 
 def _prepare(runs: Sequence[RunData], n_atoms: int) -> _Prepared:
-    kept, D, confs, n_conf, D_raw, C, Q = [], [], [], [], [], [], []
+    kept, D, confs, n_conf, D_raw, C, Q, Q_glm, Qb, B_raw = [], [], [], [], [], [], [], [], [], []
     for i, run in enumerate(runs):
         lab = _label(run, i)
         n = run.Y.shape[0]
@@ -249,28 +270,43 @@ def _prepare(runs: Sequence[RunData], n_atoms: int) -> _Prepared:
                 raise DataError(f"{lab}: confounds have missing values in kept frames "
                                 "(fill n/a rows as load_confounds does)")
         c = 0 if conf is None else conf.shape[1]
-        if len(k) <= n_atoms + c + 2:
+        nb = 0 if run.baseline is None else np.shape(run.baseline)[1]
+        if len(k) <= n_atoms + c + nb + 2:
             raise DataError(
-                f"{lab}: {len(k)} usable frames for {n_atoms} atoms + {c} confounds + intercept; "
-                "need more frames than parameters (fewer atoms, fewer confounds or no scrubbing)"
+                f"{lab}: {len(k)} usable frames for {n_atoms} atoms + {nb} baselines + {c} confounds + "
+                "intercept; need more frames than parameters (fewer atoms, fewer confounds or no scrubbing)"
             )
         Ck = np.ones((len(k), c + 1))
         if conf is not None:
             Ck[:, :c] = _zscore(conf[k])
         Qk = _orth(Ck)
+        Qg, Qbk, braw = Qk, None, None
+        if nb:
+            braw = _zscore(np.asarray(run.baseline, dtype=np.float64)[k])
+            bres = braw - Qk @ (Qk.T @ braw)
+            if np.any(bres.std(0) < 1e-6):
+                bad = np.flatnonzero(bres.std(0) < 1e-6).tolist()
+                raise DataError(f"{lab}: baselines {bad} are constant at this run's frames (or explained by "
+                                "the confounds)")
+            Qbk = _orth(bres)
+            Qg = _orth(np.column_stack([Ck, braw]))
         raw = _zscore(np.asarray(run.design, dtype=np.float64)[k])
-        resid_sd = (raw - Qk @ (Qk.T @ raw)).std(0)
+        resid_sd = (raw - Qg @ (Qg.T @ raw)).std(0)
         if np.any(resid_sd < 1e-6):
             bad = np.flatnonzero(resid_sd < 1e-6).tolist()
-            raise DataError(f"{lab}: atoms {bad} are constant at this run's frames (or explained by the confounds)")
+            raise DataError(f"{lab}: atoms {bad} are constant at this run's frames (or explained by the "
+                            "confounds and baselines)")
         kept.append(k)
-        D.append(_residualize(raw, Qk).astype(np.float32))
+        D.append(_residualize(raw, Qg).astype(np.float32))
         confs.append(conf)
         n_conf.append(c)
         D_raw.append(raw.astype(np.float32))
         C.append(Ck.astype(np.float32))
         Q.append(Qk)
-    return _Prepared(kept, D, confs, n_conf, D_raw, C, Q)
+        Q_glm.append(Qg)
+        Qb.append(Qbk)
+        B_raw.append(None if braw is None else braw.astype(np.float32))
+    return _Prepared(kept, D, confs, n_conf, D_raw, C, Q, Q_glm, Qb, B_raw)
 
 
 def _outer_inner_folds(lengths: list[int], cv_folds: int, gap: int, inner_folds: int):
@@ -453,6 +489,7 @@ def fit_encoding(
                     "not calibrated for autocorrelated noise (docs/encoding.md)")
         noise_model = "ols"
     prep = _prepare(runs, K)
+    nb = 0 if runs[0].baseline is None else int(np.shape(runs[0].baseline)[1])
     lengths = [len(k) for k in prep.kept]
     starts = np.concatenate([[0], np.cumsum(lengths)])
     slices = [slice(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
@@ -462,13 +499,17 @@ def fit_encoding(
     cleaners = [_FoldCleaner(prep.C, slices, train, test) for train, test, _ in folds]
     shifts = stats.circular_shifts(lengths, n_permutations, min_shift_fraction, seed) if n_permutations else None
     # residual degrees of freedom of each run's atom model (the confounds were regressed out before)
-    glm_df = [n - (K if atom_model == "joint" else 1) - c - 1 for n, c in zip(lengths, prep.n_conf)]
+    glm_df = [n - (K if atom_model == "joint" else 1) - c - nb - 1 for n, c in zip(lengths, prep.n_conf)]
+    base_folds = None
+    if nb:
+        Braw = np.concatenate(prep.B_raw).astype(np.float64)
+        base_folds = [_BaselineFold(clean(Braw), train, test) for (train, test, _), clean in zip(folds, cleaners)]
     t = time.perf_counter()
     # Small matrices (frames x atoms): one BLAS thread. Several threads on matrices this
     # small spin and wait; on a loaded 2-core machine that was measured 27x slower.
     with threadpool_limits(limits=1, user_api="blas"):
         observed_ops = _ShiftOps(Draw, [0] * len(runs), slices, prep, folds, cleaners, atom_model)
-        null_ops = [_ShiftOps(Draw, shifts[k], slices, prep, folds, cleaners, atom_model)
+        null_ops = [_ShiftOps(Draw, shifts[k], slices, prep, folds, cleaners, atom_model, base_folds)
                     for k in range(n_permutations)]
     t_ops = time.perf_counter() - t
 
@@ -500,6 +541,11 @@ def fit_encoding(
     r2_in = np.zeros(n_vox, np.float32)
     r2_chance = np.full(n_vox, np.nan, np.float32) if n_permutations else None
     ceiling = np.full(n_vox, np.nan, np.float32) if groups else None
+    part = None  # variance partitioning with the baselines: CV R^2 of each model, the unique part's null
+    if nb:
+        part = {"baseline": np.zeros(n_vox, np.float32), "joint": np.zeros(n_vox, np.float32),
+                "unique": np.zeros(n_vox, np.float32), "p_emp": np.ones(n_vox), "mean": np.zeros(n_vox),
+                "sd": np.full(n_vox, np.nan), "r_unique": np.zeros(n_vox, np.float32)}
     excluded = np.zeros(n_vox, bool)
     alpha_counts = np.zeros(len(alphas), np.int64)
     timings = {"clean": 0.0, "glm": 0.0, "cv": 0.0, "null": 0.0}
@@ -525,7 +571,13 @@ def fit_encoding(
                 Yruns.append(_clean(y, prep.conf[i], run.sample_mask))
                 Yraw.append(_zscore(y[prep.kept[i]]).astype(np.float32))
             post_ok = np.all([y.std(0) > 1e-6 for y in Yruns], axis=0)
+            if nb:  # the atom maps' model holds the baselines: the BOLD is cleaned of them too
+                Yglm = [_residualize(y, Qb) for y, Qb in zip(Yruns, prep.Qb)]
+                post_ok &= np.all([y.std(0) > 1e-6 for y in Yglm], axis=0)
+                Yglm = [y[:, post_ok] for y in Yglm]
             cols, Yruns = cols[post_ok], [y[:, post_ok] for y in Yruns]
+            if not nb:
+                Yglm = Yruns
             Yraw = np.concatenate([y[:, post_ok] for y in Yraw])
             valid[:] = False
             valid[cols] = True
@@ -538,8 +590,8 @@ def fit_encoding(
 
             # effects of the atoms (OLS per run) and in-sample R^2 (runs stacked)
             t = time.perf_counter()
-            Yc = np.concatenate(Yruns).astype(np.float32)  # (n_total, v)
-            yy = [(y.astype(np.float64) ** 2).sum(0) for y in Yruns]  # cleaned BOLD has mean 0
+            Yc = np.concatenate(Yglm).astype(np.float32)  # (n_total, v)
+            yy = [(y.astype(np.float64) ** 2).sum(0) for y in Yglm]  # cleaned BOLD has mean 0
             sst = np.sum(yy, axis=0)
             Ycb = bk.asarray(Yc)
             yyb = [bk.asarray(v.astype(np.float32)) for v in yy]
@@ -552,22 +604,25 @@ def fit_encoding(
                 effect[:, gidx], variance[:, gidx], zmap[:, gidx] = _fixed_effects(
                     eff_runs, [se**2 for se in se_runs], sum(glm_df))
             elif noise_model == "ar1":
-                fits = [_glm_run(Yruns[i], prep.D[i].astype(np.float64), prep.n_conf[i], noise_model)
+                fits = [_glm_run(Yglm[i], prep.D[i].astype(np.float64), prep.n_conf[i] + nb, noise_model)
                         for i in range(len(runs))]
                 effect[:, gidx], variance[:, gidx], zmap[:, gidx] = _fixed_effects(
                     [f[0] for f in fits], [f[1] for f in fits], sum(f[2] for f in fits))
-            if groups:
-                ceiling[gidx] = np.mean([_noise_ceiling(Yc, pr) for pr in pairs.values()], axis=0)
-            del Yruns
+            if groups:  # of the BOLD cleaned of the confounds only: the baselines' signal is repeatable too
+                Yconf = np.concatenate(Yruns).astype(np.float32) if nb else Yc
+                ceiling[gidx] = np.mean([_noise_ceiling(Yconf, pr) for pr in pairs.values()], axis=0)
+                del Yconf
+            del Yruns, Yglm
             timings["glm"] += time.perf_counter() - t
 
             # cross-validated ridge
             t = time.perf_counter()
-            fold_cache = []
+            fold_cache, joint_cache = [], []
             r_sum = 0.0
             sse = 0.0
             sst_cv = 0.0
-            for (train, test, inner), clean in zip(folds, cleaners):
+            sse_base = sse_joint = ru_sum = 0.0
+            for f, ((train, test, inner), clean) in enumerate(zip(folds, cleaners)):
                 Yb = bk.asarray(clean(Yraw))
                 Xb = bk.asarray(clean(Draw))
                 Xtr, Ytr = Xb[train], Yb[train]
@@ -591,9 +646,36 @@ def fit_encoding(
                 fold_cache.append((Ytr, Yte_n, bk.asarray(best)))
                 flops["cv"] += _ridge_cv_flops(len(train), len(test), inner, len(alphas),
                                                len(np.unique(best_np)), K, nv) + clean.flops(nv)
+                if nb:  # baselines alone (OLS), and baselines (unpenalized) + atoms (ridge)
+                    bf = base_folds[f]
+                    Btr, Bte, P = (bk.asarray(a) for a in (bf.Btr, bf.Bte, bf.P))
+                    PY = P @ Ytr
+                    pred_b = Bte @ PY + my
+                    Xtr_b = Xtr - Btr @ (P @ Xtr)
+                    best_j, coefs_j, _ = solve_ridge_cv_svd(
+                        Xtr_b, Ytr - Btr @ PY, alphas=bk.asarray(alphas.astype(np.float32)), cv=inner,
+                        local_alpha=True, n_targets_batch=n_targets_batch, warn=False,
+                    )
+                    pred_a = ((Xb[test] - mx) - Bte @ (P @ Xtr)) @ bk.asarray(coefs_j)  # the atoms' part
+                    resid = Yte - pred_b
+                    sse_base = sse_base + (resid ** 2).sum(0)
+                    sse_joint = sse_joint + ((resid - pred_a) ** 2).sum(0)
+                    ru_sum = ru_sum + stats.pearson_columns(pred_a, resid)
+                    resid = resid - resid.mean(0)
+                    joint_cache.append((Ytr, resid / ((resid**2).sum(0) ** 0.5 + 1e-12), bk.asarray(best_j)))
+                    flops["cv"] += 2 * _ridge_cv_flops(len(train), len(test), inner, len(alphas),
+                                                       len(np.unique(bk.to_numpy(best_j))), K, nv)
             obs = bk.to_numpy(r_sum / len(folds))
             cv_r[gidx] = obs
             cv_r2[gidx] = bk.to_numpy(1.0 - sse / sst_cv)
+            if nb:
+                r2_base = bk.to_numpy(1.0 - sse_base / sst_cv).astype(np.float64)
+                uniq = bk.to_numpy(1.0 - sse_joint / sst_cv).astype(np.float64) - r2_base
+                part["baseline"][gidx] = r2_base
+                part["joint"][gidx] = r2_base + uniq
+                part["unique"][gidx] = uniq
+                ru_obs = bk.to_numpy(ru_sum / len(folds)).astype(np.float64)
+                part["r_unique"][gidx] = ru_obs
             timings["cv"] += time.perf_counter() - t
 
             # circular-shift null: the same statistics with the design shifted within runs
@@ -605,6 +687,9 @@ def fit_encoding(
                 t_sq = [bk.zeros_like(Ycb, shape=(K, nv)) for _ in runs]
                 r2_sum = bk.zeros_like(Ycb, shape=(nv,))
                 obs_b = bk.asarray(obs)
+                u_exceed = np.zeros(nv, np.int64)
+                u1 = np.zeros(nv)
+                u2 = np.zeros(nv)
                 for ops in null_ops:
                     e_null, se_null, ess_null = ops.glm(Ycb, slices, yyb, glm_df, bk)
                     for acc, e, se in zip(t_sq, e_null, se_null):
@@ -617,10 +702,20 @@ def fit_encoding(
                     s1 += r_np
                     s2 += r_np**2
                     flops["null"] += ops.glm_flops(nv) + ops.cv_flops(nv)
+                    if nb:  # the unique part's r with the atoms shifted and the baselines in place
+                        u = bk.to_numpy(ops.cv_unique_r(joint_cache, bk)).astype(np.float64)
+                        u_exceed += u >= ru_obs
+                        u1 += u
+                        u2 += u * u
                 p_emp[gidx] = stats.permutation_p(obs, exceed, n_permutations)
                 null_mean[gidx] = s1 / n_permutations
                 null_sd[gidx] = np.sqrt(np.maximum(s2 - s1**2 / n_permutations, 0) / max(n_permutations - 1, 1))
                 r2_chance[gidx] = bk.to_numpy(r2_sum).astype(np.float64) / n_permutations / sst
+                if nb:
+                    part["p_emp"][gidx] = stats.permutation_p(ru_obs, u_exceed, n_permutations)
+                    part["mean"][gidx] = u1 / n_permutations
+                    part["sd"][gidx] = np.sqrt(np.maximum(u2 - u1**2 / n_permutations, 0)
+                                               / max(n_permutations - 1, 1))
                 if noise_model == "shift":
                     # variance = white-noise variance x the mean square of t under the shifts
                     calibrated = [se**2 * bk.to_numpy(acc).astype(np.float64) / n_permutations
@@ -629,7 +724,7 @@ def fit_encoding(
                         eff_runs, calibrated, n_permutations)
                 del t_sq
             timings["null"] += time.perf_counter() - t
-            del fold_cache, Yc, Ycb, Yraw
+            del fold_cache, joint_cache, Yc, Ycb, Yraw
     finally:
         set_backend(prev_backend)
 
@@ -642,6 +737,19 @@ def fit_encoding(
     significant = np.zeros(n_vox, bool)
     if n_permutations and ok.any():
         significant[ok] = stats.fdr_bh(p[ok], fdr_alpha)[0]
+    partition = None
+    if nb:
+        if null == "normal" and n_permutations:
+            p_u = np.ones(n_vox)
+            p_u[ok] = stats.normal_p(part["r_unique"][ok], part["mean"][ok], part["sd"][ok], n_permutations)
+        else:
+            p_u = part["p_emp"]
+        sig_u = np.zeros(n_vox, bool)
+        if n_permutations and ok.any():
+            sig_u[ok] = stats.fdr_bh(p_u[ok], fdr_alpha)[0]
+        partition = {"cv_r2_baseline": part["baseline"], "cv_r2_joint": part["joint"],
+                     "cv_r2_unique": part["unique"], "cv_r_unique": part["r_unique"], "p_unique": p_u,
+                     "significant_unique": sig_u}
     n_exc = int(excluded.sum())
     if n_exc:
         log.warning("%d of %d voxels excluded (non-finite or constant in a run); their outputs are 0, p = 1",
@@ -676,6 +784,15 @@ def fit_encoding(
         "noise_ceiling": (f"sqrt of the mean between-repeat r over story frames aligned by story time "
                           f"(frames up to {CEILING_TAIL_S:g} s after the last word)") if groups else None,
         "in_sample_r2_chance": "mean in-sample R^2 under the circular shifts" if n_permutations else None,
+        "n_baselines": nb,
+        "atom_maps_adjusted_for_baselines": bool(nb),
+        "partition": ("CV R^2 of the baselines alone (OLS), of the atoms alone (ridge), of both (baselines "
+                      "unpenalized + atoms ridge, alpha chosen on inner folds); unique = both - baselines. "
+                      "Its test: r between the atoms' part of the joint prediction and what the baselines' "
+                      "prediction leaves of the held-out BOLD (mean over folds), under the atoms circularly "
+                      "shifted with the baselines in place, ridge refit with the selected alphas; p " + null)
+        if nb else None,
+        "n_significant_unique": int(partition["significant_unique"].sum()) if nb else None,
         "n_frames": lengths,
         "backend": bk.name,
         "seconds": round(seconds, 2),
@@ -686,7 +803,8 @@ def fit_encoding(
              info["n_significant"], n_exc)
     return EncodingResult(effect=effect, variance=variance, z=zmap, cv_r=cv_r, cv_r2=cv_r2, p=p,
                           significant=significant, in_sample_r2=r2_in, noise_ceiling=ceiling,
-                          design=Dc, in_sample_r2_chance=r2_chance, info=info)
+                          design=Dc, in_sample_r2_chance=r2_chance, info=info,
+                          **(partition or {}))
 
 
 def _fixed_effects(effects: list, variances: list, df):
@@ -722,9 +840,10 @@ class _ShiftOps:
     basis (the ridge refit with each voxel's selected alpha).
     """
 
-    def __init__(self, Draw, shift_row, slices, prep, folds, cleaners, atom_model="marginal"):
+    def __init__(self, Draw, shift_row, slices, prep, folds, cleaners, atom_model="marginal",
+                 base_folds=None):
         Xs = stats.shift_within_runs(Draw, slices, shift_row) if any(shift_row) else Draw
-        cleaned = [_residualize(Xs[sl], Q) for sl, Q in zip(slices, prep.Q)]
+        cleaned = [_residualize(Xs[sl], Q) for sl, Q in zip(slices, prep.Q_glm)]
         self.marginal = atom_model == "marginal"
         self.runs = []
         for d in cleaned:
@@ -738,14 +857,20 @@ class _ShiftOps:
         if len(cleaned) > 1:
             Qs, _ = np.linalg.qr(np.concatenate(cleaned))
             self.Q = Qs.astype(np.float32)  # (n_total, K)
-        self.folds = []
-        for (train, test, _), clean in zip(folds, cleaners):
+        self.folds, self.joint = [], []
+        for f, ((train, test, _), clean) in enumerate(zip(folds, cleaners)):
             Xc = clean(Xs.astype(np.float64))
             Xtr = Xc[train]
             mx = Xtr.mean(0)
             U, s, Vt = np.linalg.svd(Xtr - mx, full_matrices=False)
             self.folds.append((U.T.astype(np.float32), s.astype(np.float32),
                                ((Xc[test] - mx) @ Vt.T).astype(np.float32)))
+            if base_folds is not None:  # the atoms with the fold's baselines projected out
+                bf = base_folds[f]
+                PX = bf.P @ (Xtr - mx)
+                U, s, Vt = np.linalg.svd(Xtr - mx - bf.Btr @ PX, full_matrices=False)
+                self.joint.append((U.T.astype(np.float32), s.astype(np.float32),
+                                   ((Xc[test] - mx - bf.Bte @ PX) @ Vt.T).astype(np.float32)))
         self._bk = {}
 
     def _on(self, bk):
@@ -753,7 +878,9 @@ class _ShiftOps:
             self._bk = {bk.name: ([tuple(bk.asarray(a) for a in r) for r in self.runs],
                                   None if self.Q is None else bk.asarray(self.Q),
                                   [(bk.asarray(a), bk.asarray(b)[:, None], bk.asarray(c))
-                                   for a, b, c in self.folds])}
+                                   for a, b, c in self.folds],
+                                  [(bk.asarray(a), bk.asarray(b)[:, None], bk.asarray(c))
+                                   for a, b, c in self.joint])}
         return self._bk[bk.name]
 
     def glm(self, Yc, slices, yy: list, df: list, bk):
@@ -775,7 +902,7 @@ class _ShiftOps:
         ess : array (v,)
             Explained sum of squares of the stacked fit (shared effects over runs).
         """
-        runs, Qs, _ = self._on(bk)
+        runs, Qs, _, _ = self._on(bk)
         effects, ses, ess = [], [], 0.0
         for (Q, W, c), sl, yy_r, df_r in zip(runs, slices, yy, df):
             Yr = Yc[sl]
@@ -803,7 +930,7 @@ class _ShiftOps:
 
     def cv_r(self, fold_cache, bk):
         """Mean over outer folds of r(ridge prediction, held-out BOLD) with this design."""
-        _, _, folds = self._on(bk)
+        _, _, folds, _ = self._on(bk)
         r = 0.0
         for (Ut, sb, M), (Ytr, Yte_n, best) in zip(folds, fold_cache):
             pred = M @ (sb / (sb**2 + best[None]) * (Ut @ Ytr))
@@ -811,8 +938,39 @@ class _ShiftOps:
             r = r + (pred * Yte_n).sum(0) / ((pred**2).sum(0) ** 0.5 + 1e-12)
         return r / len(folds)
 
+    def cv_unique_r(self, joint_cache, bk):
+        """Mean over folds of r(the shifted atoms' part of the joint prediction, the baselines' residual).
+
+        The atoms' unique R^2 itself is not the test statistic: with each voxel's
+        ridge alpha chosen on the observed design, its null was measured
+        conservative (median p 0.8 on null data), while this r, which does not
+        depend on the prediction's scale, is calibrated (docs/encoding.md).
+        """
+        _, _, _, folds = self._on(bk)
+        r = 0.0
+        for (Ut, sb, M), (Ytr, resid_n, best) in zip(folds, joint_cache):
+            # U is orthogonal to the fold's baselines, so U^T y = U^T (y with the baselines projected out)
+            pred = M @ (sb / (sb**2 + best[None]) * (Ut @ Ytr))
+            pred = pred - pred.mean(0)
+            r = r + (pred * resid_n).sum(0) / ((pred**2).sum(0) ** 0.5 + 1e-12)
+        return r / len(folds)
+
     def cv_flops(self, v: int) -> float:
-        return sum(2.0 * Ut.size * v + 2.0 * M.size * v for Ut, _, M in self.folds)
+        return sum(2.0 * Ut.size * v + 2.0 * M.size * v for Ut, _, M in self.folds + self.joint)
+
+
+class _BaselineFold:
+    """One outer fold's baselines, cleaned like the atoms and centred on the training frames.
+
+    ``P`` is the pseudo-inverse of the training baselines: the OLS coefficients of
+    any training columns on them (the baselines are few and not penalized).
+    """
+
+    def __init__(self, Bc: np.ndarray, train: np.ndarray, test: np.ndarray):
+        mb = Bc[train].mean(0)
+        self.Btr = Bc[train] - mb
+        self.Bte = Bc[test] - mb
+        self.P = np.linalg.pinv(self.Btr, rcond=1e-8)
 
 
 def _repeat_pairs(runs, idx: list, kept: list, slices: list) -> list:

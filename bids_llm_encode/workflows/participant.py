@@ -276,7 +276,7 @@ def write_stimulus_outputs(writer: DerivativesWriter, story: Story, acts: WordAc
     model, files = model_label(cfg), ParticipantFiles(writer, cfg.space)
     card_path = files.story(story.name, model, "modelcard")
     settings = digest(acts.card.get("cache_key"), dic.atoms.shape, dic.alpha, cfg.n_atoms, cfg.sparsity,
-                      cfg.seed, cfg.atom_tr, cfg.hrf, cfg.subgroup)
+                      cfg.seed, cfg.atom_tr, cfg.hrf, cfg.subgroup, cfg.an_centering)
     if card_path.exists():
         if json.loads(card_path.read_text()).get("settings_digest") == settings:
             return
@@ -307,7 +307,7 @@ def write_stimulus_outputs(writer: DerivativesWriter, story: Story, acts: WordAc
                       "the reference grid of atoms.tsv; numpy.load. Columns follow loadings.tsv's "
                       "neuron index.", "FrameTimes": dic.frame_times.tolist()}, src)
     writer.write_json(dict(acts.card, dictionary_r2=dic.r2, n_atoms=dic.n_atoms, alpha=dic.alpha,
-                           sparsity=cfg.sparsity, atom_tr=cfg.atom_tr, hrf=cfg.hrf,
+                           sparsity=cfg.sparsity, atom_tr=cfg.atom_tr, hrf=cfg.hrf, an_centering=cfg.an_centering,
                            subgroup=cfg.subgroup, dictionary=dic.info, settings_digest=settings),
                       card_path, src)
 

@@ -50,12 +50,30 @@ def story_activations(story: Story, config: Config, cache: Cache) -> WordActivat
     return _acts(get_model(config, cache), story, config, cache)
 
 
+def word_values(activations: WordActivations, config: Config) -> np.ndarray:
+    """The impulse amplitudes of the neurons at the words, (words, neurons), float32.
+
+    ``--an-centering mean`` (default) removes each neuron's mean over the story's
+    words: a raw activation is its mean times a unit impulse per word plus a
+    fluctuation, so without centring every neuron's frame series carries the
+    HRF-convolved word rate (on the demo story the dictionary's atoms then
+    correlate up to |r| 0.9 with it, docs/patterns.md). Centred, the word-rate
+    carrier belongs to the word-rate baseline and the atoms describe how neurons
+    differ across words. ``none`` keeps the raw activations.
+    """
+    vals = activations.values
+    if config.an_centering == "none":
+        return vals
+    return (vals - vals.mean(axis=0, dtype=np.float64)).astype(np.float32)
+
+
 def neuron_series(story: Story, activations: WordActivations, frame_times_audio: np.ndarray,
                   config: Config) -> np.ndarray:
     """The neurons' z-scored frame series X at the given audio-relative frame times, (frames, neurons)."""
     from ..signal.frames import frame_series
 
-    return frame_series(story.starts, activations.values, np.asarray(frame_times_audio), hrf=config.hrf)
+    return frame_series(story.starts, word_values(activations, config), np.asarray(frame_times_audio),
+                        hrf=config.hrf)
 
 
 def story_dictionary(story: Story, config: Config, cache: Cache) -> tuple[WordActivations, Dictionary]:
@@ -66,7 +84,7 @@ def story_dictionary(story: Story, config: Config, cache: Cache) -> tuple[WordAc
     grid = reference_frame_times(story, config.atom_tr)
     key = digest("dictionary", acts.card.get("identity"), acts.card.get("cache_key"), story.words,
                  story.starts.tolist(), grid.tolist(), config.hrf, config.n_atoms, config.sparsity,
-                 config.seed)
+                 config.seed, config.an_centering)
 
     def create(folder):
         from ..patterns.dictionary import check_memory
