@@ -106,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fdr-alpha", type=float, default=None)
     e.add_argument("--atom-model", choices=["marginal", "joint"], default=None,
                    help="atom maps: each atom alone (marginal, default) or all atoms in one model (joint)")
+    e.add_argument("--baselines", nargs="+", default=None, metavar="NAME",
+                   help="low-level baseline regressors: auto (default: word_rate always, phoneme_rate "
+                   "when the alignment has phones, envelope when the story's WAV exists), none, or "
+                   "names from word_rate phoneme_rate envelope")
+    e.add_argument("--baseline-regressors", "--baseline_regressors", type=Path, default=None,
+                   metavar="DIR", help="folder of <story>.tsv user baseline regressors (onset, "
+                   "optional duration, numeric value columns; docs/usage.md)")
 
     n = p.add_argument_group("networks")
     n.add_argument("--fbn-atlas", nargs="+", default=None,

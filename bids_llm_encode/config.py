@@ -36,6 +36,9 @@ CHOICES = {
     "confounds_strategy": ("narratives", "simple", "compcor", "scrubbing"),
 }
 
+#: The built-in low-level baseline regressors (``--baselines``; signal/baselines.py makes them).
+BASELINES = ("word_rate", "phoneme_rate", "envelope")
+
 #: The smallest number of circular shifts the encoding's normal null accepts (0 = no null).
 MIN_PERMUTATIONS = 20
 
@@ -87,6 +90,9 @@ class Config:
     n_permutations: int = 100  # circular shifts; p from a normal fitted to them (docs/encoding.md)
     fdr_alpha: float = 0.05
     atom_model: str = "marginal"  # marginal | joint: what each atom's z map is (docs/encoding.md)
+    # low-level baselines beside the atoms (signal/baselines.py, docs/method.md section 4)
+    baselines: list[str] = field(default_factory=lambda: ["auto"])  # auto | none | names of BASELINES
+    baseline_regressors: Optional[Path] = None  # folder of <story>.tsv user regressors
     # networks (section 5)
     fbn_atlas: list[str] = field(default_factory=lambda: ["CA12", "Yeo7"])
     map_threshold: float = 3.1
@@ -97,7 +103,7 @@ class Config:
     compare: list[Path] = field(default_factory=list)
 
     PATH_FIELDS = ("bids_dir", "output_dir", "bids_filter_file", "derivatives", "work_dir",
-                   "cache_dir", "config_file")
+                   "cache_dir", "config_file", "baseline_regressors")
 
     def validate(self) -> "Config":
         """Check every option once, before any data is read (as nilearn checks its parameters).
@@ -187,6 +193,15 @@ class Config:
             if not isinstance(getattr(self, name), bool):
                 bad(name, getattr(self, name), "must be true or false")
         strings("fbn_atlas", allow_empty=False)
+        strings("baselines", allow_empty=False)
+        self.baselines = normalize_baselines(self.baselines)
+        if self.baseline_regressors is not None:
+            if not isinstance(self.baseline_regressors, (str, Path)):
+                bad("baseline_regressors", self.baseline_regressors, "must be the path of a folder")
+            self.baseline_regressors = Path(self.baseline_regressors)
+            if not self.baseline_regressors.is_dir():
+                bad("baseline_regressors", str(self.baseline_regressors),
+                    "no such folder (it must hold one <story>.tsv per story, docs/usage.md)")
         for name in ("participant_label", "session_label", "task_label"):
             strings(name)
         normalize_labels(self.participant_label, "sub")
@@ -232,6 +247,37 @@ def load_config_file(path: Path) -> dict:
         data = json.loads(text)
     data = data.get("config", data)  # accept a resolved-config file written by a run
     return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def normalize_baselines(values) -> list[str]:
+    """``--baselines`` values -> ``["auto"]``, ``["none"]`` or unique names of :data:`BASELINES`.
+
+    Names may use ``-`` for ``_`` and be comma separated (``word-rate,envelope``).
+
+    Raises
+    ------
+    UsageError (64)
+        An unknown name, or ``auto`` / ``none`` given with other names.
+    """
+    if isinstance(values, str):
+        values = [values]
+    out: list[str] = []
+    for value in values:
+        for item in re.split(r"[\s,]+", str(value).strip()):
+            if item:
+                item = item.lower().replace("-", "_")
+                if item not in out:
+                    out.append(item)
+    rule = f"choose auto, none, or one or more of {', '.join(BASELINES)}"
+    if not out:
+        raise UsageError(f"--baselines {values!r}: {rule}")
+    unknown = [v for v in out if v not in BASELINES + ("auto", "none")]
+    if unknown:
+        raise UsageError(f"--baselines {unknown[0]!r}: unknown baseline; {rule}. Fix the option (or "
+                         "the 'baselines' key of --config-file).")
+    if len(out) > 1 and ("auto" in out or "none" in out):
+        raise UsageError(f"--baselines {' '.join(out)}: 'auto' and 'none' stand alone; {rule}")
+    return out
 
 
 def _check_subgroup(mode) -> None:

@@ -31,6 +31,11 @@ class Story:
         True where the aligner placed the word, False where times were interpolated.
     source : Path
         The file the timing came from.
+    phone_starts : ndarray, shape (n_phones,), or None
+        Audio-relative onsets (s) of the aligned phones, in order, when the
+        alignment has phones (Gentle ``align.json`` ``phones``, a TextGrid phones
+        tier); None otherwise. Unaligned words have none. The phoneme-rate
+        baseline (``signal/baselines.py``) is made from them.
     """
 
     name: str
@@ -39,6 +44,7 @@ class Story:
     ends: np.ndarray
     aligned: np.ndarray
     source: Path
+    phone_starts: Optional[np.ndarray] = None
 
     @property
     def n_words(self) -> int:

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from typing import Optional
 
@@ -26,12 +27,12 @@ from ..config import Config, normalize_labels
 from ..errors import DataError, MissingInputError, NoMatchError, UsageError
 from ..records import RunInputs, Story
 from .images import check_bold, check_mask
-from .stimuli import load_story, read_events_words
+from .stimuli import load_story, read_events_words, read_gentle_phones
 
 log = logging.getLogger(__name__)
 
 __all__ = ["normalize_labels", "find_runs", "run_summary", "load_filters", "story_name",
-           "timing_candidates"]
+           "timing_candidates", "stim_path", "check_run_baselines"]
 
 _ENTITIES_MATCHED = ("subject", "session", "task", "run", "acquisition", "echo", "direction",
                      "reconstruction", "ceagent")
@@ -110,6 +111,17 @@ def timing_candidates(bids_dir: Path, story: str, stim_file: Optional[str] = Non
     return out
 
 
+def stim_path(bids_dir: Path, stim_file: Optional[str]) -> Optional[Path]:
+    """The file a run's ``stim_file`` names: ``bids_dir/stimuli/<stim_file>`` (None without one).
+
+    BIDS ``stim_file`` paths are relative to ``stimuli/``; ``_check_stim_file``
+    has already refused absolute ones and ones leading outside the dataset.
+    """
+    if not stim_file:
+        return None
+    return Path(bids_dir) / "stimuli" / Path(*PurePosixPath(stim_file.replace("\\", "/")).parts)
+
+
 def _check_stim_file(stim_file: str, bids_dir: Path, events: Path, lineno: int) -> None:
     p = PurePosixPath(stim_file.replace("\\", "/"))
     if p.is_absolute() or re.match(r"^[A-Za-z]:", stim_file):
@@ -139,8 +151,24 @@ def _read_events(events: Path) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def _story_from_events(events: Path, bids_dir: Path, task: str) -> tuple[Story, float, str]:
-    """The story of a run, its audio-onset in scan time and its ``stim_file``."""
+def _with_phones(story: Story, timing: Path) -> Story:
+    """Phones from the Gentle ``align.json`` beside an ``align.csv`` (the CSV has none; Narratives has both)."""
+    sibling = timing.with_name("align.json")
+    if story.phone_starts is not None or timing.name != "align.csv" or not sibling.is_file():
+        return story
+    phones = read_gentle_phones(sibling)
+    if phones is None:
+        return story
+    log.info("Story %s: %d phone onsets from %s", story.name, phones.size, sibling)
+    return replace(story, phone_starts=phones)
+
+
+def _story_from_events(events: Path, bids_dir: Path, task: str,
+                       want_phones: bool = False) -> tuple[Story, float, str]:
+    """The story of a run, its audio-onset in scan time and its ``stim_file``.
+
+    ``want_phones``: also read the phones of an ``align.json`` beside the ``align.csv``.
+    """
     header, rows = _read_events(events)
     col = {c: i for i, c in enumerate(header)}
     stims = []  # (lineno, stim_file, onset, trial_type)
@@ -177,6 +205,8 @@ def _story_from_events(events: Path, bids_dir: Path, task: str) -> tuple[Story, 
     for cand in tried:
         if cand.is_file():
             story = load_story(cand, name)
+            if want_phones:
+                story = _with_phones(story, cand)
             log.info("Story %s: %d words (%d unaligned) from %s; audio starts at %.3f s",
                      name, story.n_words, story.n_unaligned, cand, onset)
             return story, onset, sf
@@ -284,11 +314,17 @@ def find_runs(config: Config) -> list[RunInputs]:
         A ``stim_file`` outside the dataset, BOLD and confounds of different
         lengths, a bad TR, a malformed timing file.
     UsageError (64)
-        A bad filter file or label.
+        A bad filter file or label; a baseline named in ``--baselines`` that
+        the inputs cannot give (:func:`check_run_baselines`, which also refuses a
+        broken WAV or ``--baseline-regressors`` table with 65, a missing table
+        with 66).
     """
     from bids.layout import Query
 
+    from ..signal.baselines import requested_baselines
+
     bids_dir, deriv, raw, der = _layouts(config)
+    want_phones = "phoneme_rate" in requested_baselines(config)[0]
     subjects = normalize_labels(config.participant_label, "sub")
     sessions = normalize_labels(config.session_label, "ses")
     tasks = normalize_labels(config.task_label, "task")
@@ -339,17 +375,38 @@ def find_runs(config: Config) -> list[RunInputs]:
             dupes.append(bold.path)
             continue
         seen[real] = bold.path
-        runs.append(_run_inputs(bold, raw, der, bids_dir, deriv, config.space))
+        runs.append(_run_inputs(bold, raw, der, bids_dir, deriv, config.space, want_phones))
     if dupes:
         log.warning("%d BOLD path(s) lead to files already found (symbolic links, e.g. a link to a "
                     "parent folder); each file is counted once: %s", len(dupes),
                     ", ".join(sorted(dupes)[:3]) + (" ..." if len(dupes) > 3 else ""))
     runs.sort(key=lambda r: (r.subject, r.session or "", r.task, -1 if r.run is None else r.run))
     log.info("Found %d BOLD run(s) for %d participant(s)", len(runs), len(selected_subjects))
+    check_run_baselines(runs, config)
     return runs
 
 
-def _run_inputs(bold, raw, der, bids_dir: Path, deriv: Path, space: str) -> RunInputs:
+def check_run_baselines(runs: list[RunInputs], config: Config) -> None:
+    """Check the low-level baselines of every story heard in ``runs``, before the model runs.
+
+    Once per (story, audio file): a baseline named in ``--baselines`` that the
+    inputs cannot give is exit 64; a broken WAV or ``--baseline-regressors``
+    table exit 65; a missing table exit 66. Logs which baselines are used and
+    which skipped, and why (``signal.baselines.check_baselines``).
+    """
+    from ..signal.baselines import check_baselines
+
+    seen = set()
+    for r in runs:
+        audio = stim_path(config.bids_dir, r.stim_file)
+        key = (r.story.name, r.story.source, audio)
+        if key not in seen:
+            seen.add(key)
+            check_baselines(r.story, config, audio)
+
+
+def _run_inputs(bold, raw, der, bids_dir: Path, deriv: Path, space: str,
+                want_phones: bool = False) -> RunInputs:
     from bids.layout import Query
 
     ents = bold.get_entities()
@@ -408,7 +465,8 @@ def _run_inputs(bold, raw, der, bids_dir: Path, deriv: Path, space: str) -> RunI
         events_path = near if near else None
     if events_path is None:
         raise MissingInputError(f"no events.tsv for {bold.path} (needed for the story and its onset)")
-    story, onset, stim_file = _story_from_events(Path(events_path), bids_dir, str(ents["task"]))
+    story, onset, stim_file = _story_from_events(Path(events_path), bids_dir, str(ents["task"]),
+                                                 want_phones)
 
     run = ents.get("run")
     return RunInputs(

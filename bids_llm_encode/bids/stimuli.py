@@ -5,8 +5,11 @@ Readers for the formats word alignments come in:
 - Gentle ``align.csv`` (no header; ``word, alignedWord, start, end``; words the
   aligner could not place have empty times),
 - Gentle ``align.json`` (``{"transcript", "words": [{"word", "alignedWord",
-  "case", "start", "end"}]}``; ``case`` is ``success`` or ``not-found-in-audio``),
-- Praat TextGrid (long or short text format; the word tier; empty intervals skipped),
+  "case", "start", "end", "phones"}]}``; ``case`` is ``success`` or
+  ``not-found-in-audio``; ``phones`` = ``[{"phone": "dh_B", "duration": 0.07}, ...]``,
+  consecutive from the word's ``start``),
+- Praat TextGrid (long or short text format; the word tier; empty intervals
+  skipped; the phone onsets of a ``phones`` tier when there is one),
 - word rows of a BIDS ``events.tsv`` (rows with a ``word`` value or
   ``trial_type == 'word'``; times are then relative to the scan).
 
@@ -33,8 +36,8 @@ from ..records import Story
 
 log = logging.getLogger(__name__)
 
-__all__ = ["read_gentle_csv", "read_gentle_json", "read_textgrid", "read_events_words",
-           "load_story", "fill_unaligned", "story_name_for"]
+__all__ = ["read_gentle_csv", "read_gentle_json", "read_gentle_phones", "read_textgrid",
+           "read_events_words", "load_story", "fill_unaligned", "story_name_for"]
 
 
 def story_name_for(path: Path) -> str:
@@ -192,7 +195,7 @@ def check_monotonic(starts, aligned, source: Path, where: Sequence[str]) -> None
 
 
 def _make_story(name: str, words: Sequence[str], starts, ends, aligned, source: Path,
-                where: Optional[Sequence[str]] = None) -> Story:
+                where: Optional[Sequence[str]] = None, phone_starts=None) -> Story:
     aligned = np.asarray(aligned, dtype=bool)
     check_monotonic(starts, aligned, source, where or [f"word {i + 1}" for i in range(len(words))])
     starts, ends = fill_unaligned(starts, ends, aligned, source)
@@ -201,7 +204,7 @@ def _make_story(name: str, words: Sequence[str], starts, ends, aligned, source: 
         log.info("%s: %d of %d words were not aligned; their times were interpolated",
                  source, n_un, len(words))
     return Story(name=name, words=tuple(words), starts=starts, ends=ends, aligned=aligned,
-                 source=Path(source))
+                 source=Path(source), phone_starts=phone_starts)
 
 
 def read_gentle_csv(path: Path, name: Optional[str] = None) -> Story:
@@ -254,23 +257,21 @@ def read_gentle_json(path: Path, name: Optional[str] = None) -> Story:
     """Read a Gentle ``align.json``.
 
     Words with ``case == 'success'`` and both times are aligned; any other case
-    (``not-found-in-audio``) is interpolated.
+    (``not-found-in-audio``) is interpolated. The ``phones`` of aligned words
+    (consecutive from the word's ``start``, each lasting its ``duration``) give
+    ``Story.phone_starts`` when any word has phones (else None).
 
     Raises
     ------
     MissingInputError, DataError
         As :func:`read_gentle_csv`; JSON syntax errors give the line number,
-        content errors the index of the word (``words[i]``).
+        content errors the index of the word (``words[i]``); a phone without a
+        finite duration >= 0 names the word and the phone (``words[i] ('the'),
+        phones[1]``).
     """
-    path = _check_exists(path)
-    try:
-        data = json.loads(_read_text(path))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}, line {exc.lineno}: invalid JSON ({exc.msg})") from exc
-    items = data.get("words") if isinstance(data, dict) else None
-    if not isinstance(items, list):
-        raise DataError(f"{path}: expected an object with a 'words' list (Gentle align.json)")
-    words, starts, ends, aligned = [], [], [], []
+    items = _gentle_words(path)
+    words, starts, ends, aligned, phones = [], [], [], [], []
+    any_phones = False
     for i, item in enumerate(items):
         where = f"words[{i}]"
         if not isinstance(item, dict) or not str(item.get("word", "")).strip():
@@ -279,10 +280,71 @@ def read_gentle_json(path: Path, name: Optional[str] = None) -> Story:
         ok = item.get("case", "success") == "success" and item.get("start") is not None \
             and item.get("end") is not None
         _append_times(starts, ends, aligned, (item["start"], item["end"]) if ok else None, path, where)
+        if ok and item.get("phones") is not None:
+            any_phones |= _append_phones(phones, item["phones"], starts[-1], path,
+                                         f"{where} ({words[-1]!r})")
     if not words:
         raise DataError(f"{path}: no words")
     return _make_story(name or story_name_for(path), words, starts, ends, aligned, path,
-                       [f"words[{i}]" for i in range(len(words))])
+                       [f"words[{i}]" for i in range(len(words))],
+                       phone_starts=np.sort(np.array(phones, dtype=float)) if any_phones else None)
+
+
+def _gentle_words(path: Path) -> list:
+    """The ``words`` list of a Gentle ``align.json`` (checked: exists, JSON, an object with ``words``)."""
+    path = _check_exists(path)
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}, line {exc.lineno}: invalid JSON ({exc.msg})") from exc
+    items = data.get("words") if isinstance(data, dict) else None
+    if not isinstance(items, list):
+        raise DataError(f"{path}: expected an object with a 'words' list (Gentle align.json)")
+    return items
+
+
+def read_gentle_phones(path: Path) -> Optional[np.ndarray]:
+    """The phone onsets (s, sorted) of a Gentle ``align.json``, or None when no word has phones.
+
+    Only the aligned words' ``start`` and ``phones`` are read (checked as in
+    :func:`read_gentle_json`): this is how the phones of an ``align.csv`` story
+    are found in the ``align.json`` beside it.
+    """
+    path = Path(path)
+    phones, any_phones = [], False
+    for i, item in enumerate(_gentle_words(path)):
+        if not isinstance(item, dict) or item.get("case", "success") != "success" \
+                or item.get("start") is None or item.get("phones") is None:
+            continue
+        where = f"words[{i}] ({str(item.get('word', '')).strip()!r})"
+        start = _float(item["start"], path, where, "start time")
+        any_phones |= _append_phones(phones, item["phones"], start, path, where)
+    return np.sort(np.array(phones, dtype=float)) if any_phones else None
+
+
+def _append_phones(out: list, phones, start: float, path: Path, where: str) -> bool:
+    """Append the onsets of one Gentle word's phones (consecutive from ``start``); True if any.
+
+    Raises
+    ------
+    DataError
+        ``phones`` not a list of objects, or a duration that is missing, not a
+        finite number, or negative (the message names the file, word and phone).
+    """
+    if not isinstance(phones, list):
+        raise DataError(f"{path}, {where}: 'phones' must be a list of {{'phone', 'duration'}} objects, "
+                        f"found {type(phones).__name__}")
+    t = float(start)
+    for j, ph in enumerate(phones):
+        at = f"{where}, phones[{j}]"
+        if not isinstance(ph, dict) or "duration" not in ph:
+            raise DataError(f"{path}, {at}: expected an object with 'phone' and 'duration', found {ph!r}")
+        d = _float(ph["duration"], path, at, "phone duration")
+        if d < 0:
+            raise DataError(f"{path}, {at}: negative phone duration {d}")
+        out.append(t)
+        t += d
+    return len(phones) > 0
 
 
 _TOKEN = re.compile(r'"(?:[^"]|"")*"|<exists>|<absent>|[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?')
@@ -340,7 +402,9 @@ def read_textgrid(path: Path, name: Optional[str] = None, tier: Optional[str] = 
     Returns
     -------
     Story
-        One word per non-empty interval; all aligned.
+        One word per non-empty interval; all aligned. ``phone_starts``: the
+        starts of the non-silent intervals of a tier named ``phones`` (or
+        ``phone``, ``phonemes``), None without one.
 
     Raises
     ------
@@ -415,9 +479,20 @@ def read_textgrid(path: Path, name: Optional[str] = None, tier: Optional[str] = 
         if a < 0:
             raise DataError(f"{path}, line {ln}: negative start time {a}")
     check_monotonic([it[0] for it in items], [True] * len(items), path, [f"line {it[3]}" for it in items])
+    phone_tiers = [t for t in interval if t is not chosen[0] and t[1].lower() in PHONE_TIERS]
+    phone_starts = None
+    if phone_tiers:
+        onsets = [it[0] for it in phone_tiers[0][2] if it[2].strip().lower() not in NOT_PHONES]
+        phone_starts = np.sort(np.array(onsets, dtype=float)) if onsets else None
     return Story(name=name or story_name_for(path), words=tuple(it[2] for it in items),
                  starts=np.array([it[0] for it in items]), ends=np.array([it[1] for it in items]),
-                 aligned=np.ones(len(items), dtype=bool), source=path)
+                 aligned=np.ones(len(items), dtype=bool), source=path, phone_starts=phone_starts)
+
+
+#: Interval tiers of a TextGrid read as phones (any case), and interval texts that are not phones
+#: (silence, short pause, spoken noise: Montreal Forced Aligner's and Praat's labels).
+PHONE_TIERS = ("phones", "phone", "phonemes", "phoneme")
+NOT_PHONES = ("", "sp", "sil", "<sil>", "spn", "<unk>")
 
 
 def read_events_words(path: Path, name: Optional[str] = None) -> Optional[Story]:

@@ -6,8 +6,9 @@ writes into ``DIR``:
 - raw BIDS (passes ``bids-validator-deno``): ``dataset_description.json``, ``README``,
   ``participants.tsv/.json``, ``sub-XX/func/sub-XX_task-lighthouse[_run-N]_{bold.nii.gz,bold.json,events.tsv}``;
   ``sub-02`` hears the story twice (``run-1``, ``run-2``);
-- the story's Gentle alignment at ``stimuli/gentle/lighthouse/align.{csv,json}``
-  (and the transcript ``stimuli/lighthouse_transcript.txt``);
+- the story's Gentle alignment at ``stimuli/gentle/lighthouse/align.{csv,json}`` (the JSON
+  with Gentle-style ``phones``), the transcript ``stimuli/lighthouse_transcript.txt`` and
+  the audio ``stimuli/lighthouse_audio.wav`` (a tone whose loudness follows the words);
 - fMRIPrep-style derivatives at ``derivatives/fmriprep`` (MNI152NLin2009cAsym, 4 mm):
   preprocessed BOLD, brain mask, confounds TSV + JSON; the last participant
   uses fMRIPrep 20.0.x names (``res-native``, ``desc-confounds_regressors.tsv``);
@@ -189,12 +190,39 @@ def alignment_csv(al: Alignment) -> str:
     return buf.getvalue()
 
 
+_PHONE_OF = {"a": "ah", "e": "eh", "i": "ih", "o": "ao", "u": "uh", "y": "iy", "c": "k", "q": "k",
+             "x": "k", "h": "hh", "j": "jh"}
+
+
+def word_phones(word: str, start: float, end: float) -> list:
+    """Gentle-style ``phones`` of one aligned word: ``[{"duration", "phone"}, ...]`` from ``start``.
+
+    ``max(1, round(letters / 1.4))`` phones (English has about 1.4 letters per
+    phone) share the word's duration (each floored to 10 ms, the last one takes
+    the rest, so they end at ``end``); names are ARPAbet-like from the letters,
+    with Gentle's position suffixes (``_B`` begin, ``_I`` inside, ``_E`` end,
+    ``_S`` a one-phone word).
+    """
+    letters = [c for c in word.lower() if c.isalpha()] or ["a"]
+    n = max(1, int(round(len(letters) / 1.4)))
+    each = np.floor((end - start) / n * 100) / 100
+    durs = [float(each)] * (n - 1) + [float(round(end - start - each * (n - 1), 2))]
+    out = []
+    for k, d in enumerate(durs):
+        c = letters[min(len(letters) - 1, int(k * len(letters) / n))]
+        pos = "S" if n == 1 else "B" if k == 0 else "E" if k == n - 1 else "I"
+        out.append({"duration": d, "phone": f"{_PHONE_OF.get(c, c)}_{pos}"})
+    return out
+
+
 def alignment_json(al: Alignment) -> dict:
-    """Gentle's JSON: ``transcript`` and ``words`` with word, alignedWord, case, start, end, offsets.
+    """Gentle's JSON: ``transcript`` and ``words`` with word, alignedWord, case, start, end, phones, offsets.
 
     ``word`` is the transcript token without surrounding punctuation; offsets
     index into ``transcript``. Unaligned words have only ``case``
     (``not-found-in-audio``), ``word`` and the offsets, as Gentle writes them.
+    Aligned words carry ``phones`` (:func:`word_phones`), so that the app's
+    phoneme-rate baseline exists on the demo.
     """
     out = []
     pos = 0
@@ -207,7 +235,8 @@ def alignment_json(al: Alignment) -> dict:
         entry = {"case": "not-found-in-audio" if np.isnan(s) else "success",
                  "endOffset": off + len(core), "startOffset": off, "word": core}
         if not np.isnan(s):
-            entry.update({"alignedWord": aw, "start": float(s), "end": float(e)})
+            entry.update({"alignedWord": aw, "start": float(s), "end": float(e),
+                          "phones": word_phones(core or w, float(s), float(e))})
         out.append(entry)
     return {"transcript": text, "words": out}
 

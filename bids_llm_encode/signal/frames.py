@@ -33,6 +33,40 @@ def _check_frame_times(frame_times) -> np.ndarray:
     return ft
 
 
+def hrf_fine_grid(frame_times, hrf: str = "spm", oversampling: int = 50) -> tuple[np.ndarray, np.ndarray]:
+    """The fine time grid and the HRF kernel of nilearn's ``compute_regressor`` for these frames.
+
+    Parameters
+    ----------
+    frame_times : array-like, shape (n_frames,)
+        Acquisition times (s), strictly increasing.
+    hrf : {"spm", "glover"}
+    oversampling : int
+        Fine-grid points per TR (TR = the smallest frame spacing).
+
+    Returns
+    -------
+    grid : ndarray, shape (n_fine,)
+        nilearn's ``_sample_condition`` grid: from ``frame_times[0] - 24`` s to
+        ``max * (1 + 1 / (n_frames - 1))``.
+    kernel : ndarray, shape (n_taps,)
+        The HRF sampled every ``TR / oversampling`` s (nilearn's, sums to 1).
+    """
+    if hrf not in HRFS:
+        raise UsageError(f"unknown HRF {hrf!r}; choose one of {', '.join(HRFS)}")
+    if int(oversampling) < 1:
+        raise UsageError(f"oversampling must be >= 1, got {oversampling}")
+    oversampling = int(oversampling)
+    ft = _check_frame_times(frame_times)
+    n = ft.size
+    t_r = float(np.min(np.diff(ft)))
+    kernel = HRFS[hrf](t_r, oversampling)
+    mini, maxi = ft.min(), ft.max()
+    n_hr = (n - 1) / (maxi - mini) * (maxi * (1 + 1.0 / (n - 1)) - mini - MIN_ONSET) * oversampling + 1
+    grid = np.linspace(mini + MIN_ONSET, maxi * (1 + 1.0 / (n - 1)), int(np.rint(n_hr)))
+    return grid, kernel
+
+
 def words_to_frame_matrix(onsets, frame_times, hrf: str = "spm", oversampling: int = 50) -> np.ndarray:
     """The linear map from word amplitudes to HRF-convolved frame values.
 
@@ -53,22 +87,11 @@ def words_to_frame_matrix(onsets, frame_times, hrf: str = "spm", oversampling: i
         event of amplitude 1 at ``onsets[w]``. Words earlier than
         ``frame_times[0] - 24`` s get a zero column (as in nilearn).
     """
-    if hrf not in HRFS:
-        raise UsageError(f"unknown HRF {hrf!r}; choose one of {', '.join(HRFS)}")
-    if int(oversampling) < 1:
-        raise UsageError(f"oversampling must be >= 1, got {oversampling}")
-    oversampling = int(oversampling)
     ft = _check_frame_times(frame_times)
+    grid, kernel = hrf_fine_grid(ft, hrf, oversampling)
     on = np.asarray(onsets, dtype=float).ravel()
     if not np.all(np.isfinite(on)):
         raise DataError("word onsets must be finite (interpolate unaligned words first)")
-    n = ft.size
-    t_r = float(np.min(np.diff(ft)))
-    kernel = HRFS[hrf](t_r, oversampling)
-    # the fine grid of nilearn's _sample_condition
-    mini, maxi = ft.min(), ft.max()
-    n_hr = (n - 1) / (maxi - mini) * (maxi * (1 + 1.0 / (n - 1)) - mini - MIN_ONSET) * oversampling + 1
-    grid = np.linspace(mini + MIN_ONSET, maxi * (1 + 1.0 / (n - 1)), int(np.rint(n_hr)))
     t_on = np.minimum(np.searchsorted(grid, on), grid.size - 1)
     early = on < ft[0] + MIN_ONSET
     if early.any():

@@ -11,13 +11,15 @@ from __future__ import annotations
 import json
 import logging
 from functools import lru_cache
+from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import scipy.sparse as sp
 
 from ..cache import Cache, digest
 from ..config import Config
-from ..records import Dictionary, Story, WordActivations
+from ..records import Dictionary, RunInputs, Story, WordActivations
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +126,48 @@ def run_design(frame_times_audio: np.ndarray, story: Story, activations: WordAct
     from ..patterns.dictionary import project_atoms
 
     return project_atoms(neuron_series(story, activations, frame_times_audio, config), dictionary.loadings)
+
+
+def run_baselines(run: RunInputs | Story, frame_times_audio: Optional[np.ndarray], config: Config,
+                  audio_path: Optional[Path] = None) -> tuple[np.ndarray, list[str]]:
+    """The low-level baseline regressors of one run: the second feature space of the encoding.
+
+    Parameters
+    ----------
+    run : RunInputs or Story
+        A run: its story, and its audio ``config.bids_dir / "stimuli" / run.stim_file``
+        (for the envelope). A bare Story has no audio unless ``audio_path`` is given.
+    frame_times_audio : ndarray, shape (n_frames,), or None
+        The run's frame times relative to the start of the story's audio, as
+        :func:`run_design`; None = ``run.frame_times - run.story_onset``.
+    config : Config
+        ``baselines``, ``baseline_regressors``, ``hrf``, ``bids_dir``.
+    audio_path : Path, optional
+        Overrides the audio file found from the run.
+
+    Returns
+    -------
+    X : ndarray, shape (n_frames, n_baselines), float64
+        Each column HRF-convolved and z-scored over the frames; columns constant
+        at these frames are dropped (warning).
+    names : list of str
+        ``word_rate``, ``phoneme_rate``, ``envelope`` (those ``--baselines`` asks
+        for and the inputs allow), then the ``--baseline-regressors`` columns.
+    """
+    from ..bids.inputs import stim_path
+    from ..signal.baselines import baseline_design
+
+    if isinstance(run, RunInputs):
+        story = run.story
+        if audio_path is None:
+            audio_path = stim_path(config.bids_dir, run.stim_file)
+        if frame_times_audio is None:
+            frame_times_audio = run.frame_times - run.story_onset
+    else:
+        story = run
+        if frame_times_audio is None:
+            raise TypeError("run_baselines(story, ...) needs the frame times (audio-relative)")
+    return baseline_design(story, frame_times_audio, config, audio_path)
 
 
 def torch_device(device: str) -> str:
