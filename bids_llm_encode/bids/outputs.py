@@ -896,14 +896,16 @@ class OutputFiles:
     def summary(self, subject: str) -> Path:
         return self.writer.path({"sub": subject, "desc": "runs"}, "summary", ".tsv")
 
-    def design(self, run_entities: dict) -> Path:
-        return self.writer.path(dict(run_entities, desc="atoms"), "design", ".tsv")
+    def design(self, run_entities: dict, desc: str = "atoms") -> Path:
+        """``desc`` atoms (the atoms' time courses) or baselines (the low-level regressors)."""
+        return self.writer.path(dict(run_entities, desc=desc), "design", ".tsv")
 
     def statmap(self, ent: dict, desc: str, stat: str) -> Path:
         return self.writer.path(dict(ent, space=self.space, desc=desc, stat=stat), "statmap", ".nii.gz")
 
-    def fdr_mask(self, ent: dict) -> Path:
-        return self.writer.path(dict(ent, space=self.space, desc="cvfdr"), "mask", ".nii.gz")
+    def fdr_mask(self, ent: dict, desc: str = "cvfdr") -> Path:
+        """``desc`` cvfdr (CV r significant) or uniquefdr (the atoms' unique part significant)."""
+        return self.writer.path(dict(ent, space=self.space, desc=desc), "mask", ".nii.gz")
 
     def table(self, ent: dict, atlas: str, suffix: str, extension: str = ".tsv") -> Path:
         return self.writer.path(dict(ent, desc=label(atlas)), suffix, extension)

@@ -138,8 +138,11 @@ class Participant:
         mask_img = _common_mask(runs)
         mask = np.asarray(mask_img.dataobj) > 0
         ent = {k: v for k, v in runs[0].entities.items() if k != "run"}
+        baselines = [stimulus.run_baselines(r, r.frame_times - r.story_onset, cfg) for r in runs]
+        names = [n for n in baselines[0][1] if all(n in b[1] for b in baselines)]  # a column can drop in a run
         data = []
-        for r in runs:
+        for r, (B, bnames) in zip(runs, baselines):
+            B = B[:, [bnames.index(n) for n in names]] if names else None
             Y = load_bold(r.bold, mask)  # (frames, voxels); a broken file is exit 65 naming it
             conf, sample_mask = load_confounds(r.bold, r.confounds, cfg.confounds_strategy, cfg.scrub)
             design = stimulus.run_design(r.frame_times - r.story_onset, story, acts, dic, cfg)
@@ -150,15 +153,24 @@ class Participant:
                               "series on the story's fixed loadings), before confound regression.",
                               "RepetitionTime": r.tr, "StoryOnset": r.story_onset},
                              sources=[r.bold, r.events, story.source])
+            if names:
+                writer.write_tsv(pd.DataFrame(B, columns=names), self.files.design(r.entities, "baselines"),
+                                 {"Description": "Low-level baseline regressors at this run's frames "
+                                  "(HRF-convolved, z-scored; signal/baselines.py): the encoding's second "
+                                  "feature space, also in the model of the atoms' effect maps.",
+                                  "RepetitionTime": r.tr, "StoryOnset": r.story_onset},
+                                 sources=[r.bold, r.events, story.source])
             data.append(RunData(Y=Y, design=design, confounds=conf, sample_mask=sample_mask,
                                 repeat_group=story.name, name=r.bold.name,
                                 story_frames=_story_frames(r), story_time=r.frame_times - r.story_onset,
-                                story_end=float(np.nanmax(story.ends))))
+                                story_end=float(np.nanmax(story.ends)), baseline=B))
+        log.info("sub-%s story %s: baselines %s", self.subject, story.name, ", ".join(names) or "none")
         enc = fit_encoding(data, cv_folds=cfg.cv_folds, n_permutations=cfg.n_permutations,
                            n_targets_batch=voxel_batch(cfg.mem_mb, sum(d.Y.shape[0] for d in data)),
                            fdr_alpha=cfg.fdr_alpha, seed=cfg.seed, atom_model=cfg.atom_model,
                            backend="torch_cuda" if stimulus.torch_device(cfg.device) == "cuda" else "numpy")
         sources = [r.bold for r in runs] + [r.mask for r in runs] + [r.confounds for r in runs]
+        enc.info["baseline_names"] = names
         self.write_encoding_maps(enc, mask_img, ent, sources)
 
         corr, metrics = {}, {}
@@ -171,9 +183,11 @@ class Participant:
         writer, cfg = self.writer, self.config
         info = {k: v for k, v in enc.info.items() if isinstance(v, (int, float, str, bool))}
         names = atom_names(enc.effect.shape[0])
+        base = enc.info.get("baseline_names") or []
+        with_base = f", with the baselines ({', '.join(base)}) in the model" if base else ""
         for k, name in enumerate(names):
             model = ("the regression of the voxel on this atom alone (slope = r)"
-                     if cfg.atom_model == "marginal" else "all atoms in one OLS model")
+                     if cfg.atom_model == "marginal" else "all atoms in one OLS model") + with_base
             for stat, values, what in (("effect", enc.effect[k], "effect size (z-scored BOLD per "
                                         f"unit of the z-scored atom regressor; {model})"),
                                        ("variance", enc.variance[k], "variance of the effect (OLS "
@@ -202,6 +216,20 @@ class Participant:
             voxel_maps.append(("cvceiling", "fraction", ceiling_fraction(enc.cv_r, enc.noise_ceiling),
                                f"CV r as a fraction of the noise ceiling, where the ceiling is at least "
                                f"{MIN_CEILING} (0 elsewhere: not estimable)."))
+        if enc.cv_r2_unique is not None:
+            voxel_maps += [
+                ("cvbaseline", "rsquared", enc.cv_r2_baseline, "Cross-validated R^2 of the low-level "
+                 f"baselines alone ({', '.join(base)}; OLS)."),
+                ("cvjoint", "rsquared", enc.cv_r2_joint, "Cross-validated R^2 of the baselines "
+                 "(unpenalized) and the atoms (ridge) together."),
+                ("cvunique", "rsquared", enc.cv_r2_unique, "The atoms' unique cross-validated R^2: "
+                 "joint minus baselines alone."),
+                ("cvunique", "r", enc.cv_r_unique, "Test statistic of the unique part: r between the "
+                 "atoms' part of the joint prediction and the held-out BOLD less the baselines' "
+                 "prediction (mean over folds)."),
+                ("cvunique", "p", enc.p_unique, "One-sided p of the unique part under the circular-shift "
+                 "null of the atoms, the baselines kept in place (docs/encoding.md)."),
+            ]
         for desc, stat, values, text in voxel_maps:
             writer.write_nifti(unmask(values, mask_img, outside=1.0 if stat == "p" else 0.0),
                                self.files.statmap(ent, desc, stat),
@@ -210,6 +238,11 @@ class Participant:
                            self.files.fdr_mask(ent),
                            {"Description": f"Voxels whose CV r is significant at FDR "
                             f"{cfg.fdr_alpha} (Benjamini-Hochberg over the mask)."}, sources)
+        if enc.significant_unique is not None:
+            writer.write_nifti(unmask(enc.significant_unique.astype(np.uint8), mask_img, dtype=np.uint8),
+                               self.files.fdr_mask(ent, "uniquefdr"),
+                               {"Description": f"Voxels where the atoms' unique part (beyond the "
+                                f"baselines) is significant at FDR {cfg.fdr_alpha}."}, sources)
 
     def atlases(self, mask_img) -> list[Atlas]:
         from ..networks.atlases import load_atlas
