@@ -30,7 +30,8 @@ The scoring (and the rule by which a link is true) is in
 ``bids_llm_encode/demo/validation.py``.
 
 Last line: ``atom_z_fp_ratio=... cv_p05_rate=... null_link_participants=...
-link_precision=... link_recall=... sensitivity_ratio=...`` (atom_z_fp_ratio:
+link_precision=... link_recall=... sensitivity_ratio=... unique_p05_rate=... wordrate_unique_share=...
+subgroup_precision=... subgroup_recall=...`` (atom_z_fp_ratio:
 observed / nominal rate at |z| > 3.1, pooled over null participants).
 """
 
@@ -90,6 +91,8 @@ def main(argv=None):
         table = [("atom |z| > 3.1", zc[3.1][0] / zc[3.1][1], Z_NOMINAL[3.1]),
                  ("atom |z| > 1.96 (p < 0.05)", zc[1.96][0] / zc[1.96][1], Z_NOMINAL[1.96]),
                  ("CV p < 0.05", null_df["cv_p05"].mean(), 0.05),
+                 ("unique (beyond baselines) p < 0.05", null_df["unique_p05"].mean(), 0.05),
+                 ("participants with a unique FDR call", float((null_df["unique_fdr_calls"] > 0).mean()), 0.05),
                  ("participants with an FDR call", float((null_df["fdr_calls"] > 0).mean()), 0.05)]
         for a in atlases:
             table.append((f"{a}: overlap p < 0.05", float(np.nanmean(null_df[f"{a}_p05"])), 0.05))
@@ -110,10 +113,11 @@ def main(argv=None):
                   f"recall {len(rec) / max(len(pairs), 1):.3f} ({len(rec)} of {len(pairs)} plant-network pairs)")
         print(plant_df.round(3).to_string(index=False))
         if len(ev["subgroups"]):
-            print("\nBest-matching atom's AN sub-group vs planted neuron group")
+            print("\nAN sub-groups vs planted neuron groups: the atom that follows the plant's time course, "
+                  "and the sub-group with the largest Jaccard overlap")
             print(ev["subgroups"].round(3).to_string(index=False))
     s = ev["summary"]
-    print(" ".join(f"{k}={v:.4f}" if k == "cv_p05_rate" else f"{k}={v:.2f}" for k, v in s.items()))
+    print(" ".join(f"{k}={v:.4f}" if k.endswith("p05_rate") else f"{k}={v:.2f}" for k, v in s.items()))
 
 
 if __name__ == "__main__":

@@ -54,6 +54,32 @@ def _link_truth(links: pd.DataFrame, atom_r: dict, truth_nets: dict, atlas: str)
     return n_true, recalled, pairs
 
 
+def _identifiability(X: np.ndarray, members: np.ndarray, layer: np.ndarray, seed: int) -> dict:
+    """Whether a planted neuron group is a structure of the neurons' series at all.
+
+    ``members_r``: mean pairwise |r| of the group's series; ``random_r``: the same
+    for as many neurons drawn from the same layers; ``outsiders``: neurons
+    outside the group whose series correlate with the group's mean at least as
+    much as the median member does. A group that is not more coherent than a
+    random one cannot be singled out by any method that sees only the neurons.
+    """
+    rng = np.random.default_rng(seed)
+    pool = np.flatnonzero(np.isin(layer, np.unique(layer[members])))
+    rand = rng.choice(pool, size=min(len(members), pool.size), replace=False)
+    n = X.shape[0]
+
+    def coherence(idx):
+        C = X[:, idx].T @ X[:, idx] / n
+        return float(np.abs(C[np.triu_indices(len(idx), 1)]).mean())
+
+    mean = X[:, members].mean(1)
+    r = X.T @ ((mean - mean.mean()) / mean.std()) / n
+    inside = np.zeros(X.shape[1], bool)
+    inside[members] = True
+    return {"members_r": coherence(members), "random_r": coherence(rand),
+            "outsiders": int((r[~inside] >= np.median(r[inside])).sum())}
+
+
 def _bold(run, mask):
     return np.asarray(nib.load(run.bold).dataobj, dtype=np.float32)[mask].T
 
@@ -107,6 +133,9 @@ def evaluate(root: Path, out: Path, n_permutations: int = 100, seed: int = 0,
                 row[f"z>{thr}"] = n / enc.z.size
             row["cv_p05"] = float((enc.p < 0.05).mean())
             row["fdr_calls"] = int(enc.significant.sum())
+            if enc.p_unique is not None:
+                row["unique_p05"] = float((enc.p_unique < 0.05).mean())
+                row["unique_fdr_calls"] = int(enc.significant_unique.sum())
             row["r2_insample"] = float(np.median(enc.in_sample_r2))
             row["r2_chance"] = float(np.median(enc.in_sample_r2_chance))
             if enc.noise_ceiling is not None:
@@ -143,6 +172,12 @@ def evaluate(root: Path, out: Path, n_permutations: int = 100, seed: int = 0,
         row["cv_r_atoms"] = float(np.median(enc.cv_r[planted]))
         calls = int(enc.significant.sum())
         row["false_call_share"] = float((enc.significant & ~planted).sum() / max(calls, 1))
+        if enc.significant_unique is not None:  # each plant's map: baselines vs the atoms' unique part
+            for j, p_spec in enumerate(PLANTS):
+                own = (true_r[:, j] > 0) & (np.delete(true_r, j, axis=1) == 0).all(axis=1)
+                row[f"{p_spec.name}_unique_sig"] = float(enc.significant_unique[own].mean())
+                row[f"{p_spec.name}_r2_baseline"] = float(np.median(enc.cv_r2_baseline[own]))
+                row[f"{p_spec.name}_r2_unique"] = float(np.median(enc.cv_r2_unique[own]))
         if enc.noise_ceiling is not None:
             row["ceiling_planted"] = float(np.median(enc.noise_ceiling[planted]))
             row["true_r_planted"] = float(np.median(true_r.max(axis=1)[planted]))
@@ -158,18 +193,26 @@ def evaluate(root: Path, out: Path, n_permutations: int = 100, seed: int = 0,
             row["cv_r_oracle"] = float(np.median(orc.cv_r[planted]))
         plant_rows.append(row)
         loadings = res.dictionary.loadings.tocsr()
+        X = stimulus.neuron_series(r0.story, res.activations, res.dictionary.frame_times, cfg).astype(np.float64)
+        X = (X - X.mean(0)) / np.where(X.std(0) > 0, X.std(0), 1.0)
         for p_spec, entry in zip(PLANTS, truth["plants"]):
             if entry["neurons"] is None:
                 continue
             planted_n = set(entry["neurons"])
-            k = int(np.argmax(np.abs(atom_r[p_spec.name])))
-            members = set(loadings[k].indices.tolist())
-            inter = len(planted_n & members)
-            sub_rows.append({"participant": sub, "plant": p_spec.name, "atom": k,
-                             "atom_r": float(atom_r[p_spec.name][k]), "subgroup_size": len(members),
-                             "precision": inter / max(len(members), 1), "recall": inter / len(planted_n)})
+            ident = _identifiability(X, np.array(entry["neurons"]), res.activations.layer, seed)
+            groups = [set(loadings[k].indices.tolist()) for k in range(loadings.shape[0])]
+            jac = [len(planted_n & g) / max(len(planted_n | g), 1) for g in groups]
+            # the atom whose time course follows the plant, and the sub-group that overlaps it most
+            for match, k in (("time course", int(np.argmax(np.abs(atom_r[p_spec.name])))),
+                             ("neurons", int(np.argmax(jac)))):
+                inter = len(planted_n & groups[k])
+                sub_rows.append({"participant": sub, "plant": p_spec.name, "match": match, "atom": k,
+                                 "atom_r": float(atom_r[p_spec.name][k]), "subgroup_size": len(groups[k]),
+                                 "precision": inter / max(len(groups[k]), 1),
+                                 "recall": inter / len(planted_n), "jaccard": jac[k], **ident})
 
-    null_df, plant_df = pd.DataFrame(null_rows), pd.DataFrame(plant_rows)
+    null_df, plant_df, sub_df = pd.DataFrame(null_rows), pd.DataFrame(plant_rows), pd.DataFrame(sub_rows)
+    best = sub_df[sub_df["match"] == "neurons"] if len(sub_df) else sub_df
     tp = sum(v[0] for v in link_counts.values())
     nl = sum(v[1] for v in link_counts.values())
     rec_n = sum(len(v[0]) for v in recalled_all.values())
@@ -183,7 +226,12 @@ def evaluate(root: Path, out: Path, n_permutations: int = 100, seed: int = 0,
         "link_recall": rec_n / rec_d if rec_d else float("nan"),
         "sensitivity_ratio": (float(plant_df["sens_atoms"].sum() / plant_df["sens_oracle"].sum())
                               if oracle and len(plant_df) and plant_df["sens_oracle"].sum() > 0 else float("nan")),
+        "unique_p05_rate": (float(null_df["unique_p05"].mean()) if "unique_p05" in null_df else float("nan")),
+        "wordrate_unique_share": (float(plant_df["word_rate_unique_sig"].mean())
+                                  if "word_rate_unique_sig" in plant_df else float("nan")),
+        "subgroup_precision": float(best["precision"].min()) if len(best) else float("nan"),
+        "subgroup_recall": float(best["recall"].min()) if len(best) else float("nan"),
     }
-    return {"null": null_df, "planted": plant_df, "subgroups": pd.DataFrame(sub_rows), "z_counts": z_counts,
+    return {"null": null_df, "planted": plant_df, "subgroups": sub_df, "z_counts": z_counts,
             "links": link_counts, "recalled": recalled_all, "seconds": seconds, "summary": summary,
             "atlases": tuple(atlases)}
