@@ -81,6 +81,21 @@ def participant_story_sections(report, result, cfg: Config, writer) -> None:
                                           result.mask_img), "CV r / noise ceiling", threshold=1e-6),
                    f"Cross-validated r as a fraction of the single-run noise ceiling (where the ceiling "
                    f"is at least {MIN_CEILING}).")
+    if enc.cv_r2_unique is not None:
+        base = enc.info.get("baseline_names") or []
+        n_u = int(enc.significant_unique.sum())
+        sec.keyvalues({"baselines": ", ".join(base),
+                       "median CV R² baselines / atoms / both (CV-significant voxels)": " / ".join(
+                           f"{np.median(v[enc.significant]):.3f}" if n_sig else "n/a"
+                           for v in (enc.cv_r2_baseline, enc.cv_r2, enc.cv_r2_joint)),
+                       f"atoms' unique part significant (FDR {cfg.fdr_alpha})": n_u})
+        sec.figure(fig.glass_brain(unmask(np.clip(enc.cv_r2_baseline, 0, None), result.mask_img),
+                                   "CV R² of the baselines alone", threshold=0.01),
+                   f"What the low-level baselines ({', '.join(base)}) predict on held-out data (R² > 0.01).")
+        sec.figure(fig.glass_brain(unmask(np.where(enc.significant_unique, enc.cv_r2_unique, 0),
+                                          result.mask_img), "atoms' unique CV R²", threshold=1e-6),
+                   "What the atoms predict beyond the baselines (joint minus baselines), where that unique "
+                   "part is FDR-significant. The atom z maps below have the baselines in their model.")
     strongest = np.argsort(-np.nanmax(np.abs(enc.z), axis=1))[:2]
     for k in strongest:
         sec.figure(fig.glass_brain(unmask(enc.z[k], result.mask_img), f"atom{k:02d} z",
