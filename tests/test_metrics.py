@@ -207,6 +207,7 @@ def test_deterministic_given_the_seed():
     assert json.dumps(s1) == json.dumps(s2)
     assert not np.allclose(p1["consistency_chance_lo"], p3["consistency_chance_lo"])  # other draws
     assert np.allclose(p1["consistency_r"], p3["consistency_r"])  # same observation
+    assert s1["consistency_r"] == s3["consistency_r"] and s1["consistency_chance_lo"] != s3["consistency_chance_lo"]
 
 
 def test_counts_and_chance_in_the_tables():

@@ -205,6 +205,18 @@ def test_consistency_and_comparison_show_counts_and_chance(data):
     np.testing.assert_allclose(chance_bars, [(0.2, 0.45), (0.25, 0.4)])
     labels = [t.get_text() for t in cons.get_xticklabels()]
     assert labels == ["bert\n3 nets, 3.0 atoms", "llama\n5 nets, 4.2 atoms"]
+    # the reports' per-network table and summary: each value beside its count and chance level
+    from bids_llm_encode.workflows.report import metrics_keyvalues, network_metrics_table
+
+    table = network_metrics_table(per)
+    assert table["n (atoms linked)"].tolist() == per["consistency_n"].tolist()
+    assert table["chance 95 %"].iloc[-1] == "n/a" and " to " in table["chance 95 %"].iloc[0]
+    summary, _ = organization_metrics(data["corr"], data["atoms"], data["subs"], 0.5, np.zeros(3),
+                                      diversity_chance={"diversity_1_minus_abs_r": 0.9})
+    kv = metrics_keyvalues(summary)
+    assert "chance" in kv["mean consistency over networks (mean |r|)"]
+    assert kv["diversity (mean 1 - |r|)"].endswith("chance 0.900 (atoms learned from circularly shifted neurons)")
+    assert not any(k.startswith(("consistency_", "diversity_")) for k in kv)
 
 
 def test_empty_inputs_give_a_nothing_to_show_figure():
