@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--map-rule", choices=["winner", "all"], default=None,
                    help="winner (default): a voxel counts for the atom with the largest |z| there only")
     n.add_argument("--n-spatial-null", type=int, default=None)
+    n.add_argument("--n-consistency-null", type=int, default=None,
+                   help="random atom sets behind each network's consistency chance level (default 1000)")
 
     gr = p.add_argument_group("group level")
     gr.add_argument("--group-model", choices=["random", "fixed"], default=None,

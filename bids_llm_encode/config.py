@@ -42,6 +42,9 @@ BASELINES = ("word_rate", "phoneme_rate", "envelope")
 #: The smallest number of circular shifts the encoding's normal null accepts (0 = no null).
 MIN_PERMUTATIONS = 20
 
+#: The fewest random atom sets behind a consistency's chance level (its 95 % interval needs them).
+MIN_CONSISTENCY_NULL = 100
+
 _LABEL = re.compile(r"^[A-Za-z0-9]+$")
 
 
@@ -98,6 +101,7 @@ class Config:
     map_threshold: float = 3.1
     map_rule: str = "winner"  # winner: each voxel counts for its preferred atom only | all
     n_spatial_null: Optional[int] = None  # None: every valid shift of the map (finest p-values)
+    n_consistency_null: int = 1000  # random atom sets: chance level of each network's consistency
     # group (section 7)
     group_model: str = "random"  # random: one-sample t over participants; fixed: Stouffer z
     compare: list[Path] = field(default_factory=list)
@@ -186,6 +190,7 @@ class Config:
         number("fdr_alpha", 0, 1)
         number("map_threshold", 0)
         integer("n_spatial_null", 1, optional=True)
+        integer("n_consistency_null", MIN_CONSISTENCY_NULL)
         integer("nprocs", 1, optional=True)
         integer("mem_mb", 1, optional=True)
         integer("verbose", 0)

@@ -30,6 +30,7 @@ BAD_OPTIONS = [
     (["--nprocs", "0"], "--nprocs"),
     (["--mem-mb", "0"], "--mem-mb"),
     (["--n-spatial-null", "0"], "--n-spatial-null"),
+    (["--n-consistency-null", "50"], "--n-consistency-null"),
     (["--subgroup", "top-0"], "--subgroup"),
     (["--subgroup", "largest"], "--subgroup"),
     (["--seed", "-1"], "--seed"),

@@ -118,6 +118,27 @@ def test_stimulus_outputs_are_consistent(demo):
     atoms = pd.read_csv(model / "atoms.tsv", sep="\t")
     assert atoms.shape[1] == 65 and np.allclose(np.linalg.norm(atoms.iloc[:, 1:], axis=0), 1, atol=1e-3)
     assert np.load(model / "neurons.npy").shape == (len(atoms), card["n_neurons"])
+    chance = card["diversity_chance"]  # atoms of circularly shifted neurons: the shared structure gone
+    assert chance["n_neurons"] == 4096 and chance["n_neurons_total"] == card["n_neurons"]
+    assert 0 < chance["diversity_1_minus_abs_r"] <= 1
+
+
+def test_metrics_carry_counts_and_chance_levels(demo):
+    """Issue 9: every consistency beside its count and chance level, diversity beside its own."""
+    for table in [demo["out"] / "sub-01" / "func" / "sub-01_task-lighthouse_desc-CA12_networks.tsv",
+                  demo["out"] / "group" / "lighthouse" / "task-lighthouse_desc-CA12_networks.tsv"]:
+        per = pd.read_csv(table, sep="\t", na_values="n/a")
+        side = json.loads(table.with_suffix(".json").read_text())
+        for col in ("consistency_r", "consistency_n", "consistency_chance_lo", "consistency_chance_hi",
+                    "consistency_p"):
+            assert col in per.columns and side[col]["Description"], (table.name, col)
+        two = per["consistency_n"] >= 2
+        assert per.loc[two, ["consistency_chance_lo", "consistency_p"]].notna().all().all()
+        assert per.loc[~two, "consistency_chance_lo"].isna().all()
+        summary = json.loads(table.with_name(table.name.replace("networks.tsv", "metrics.json")).read_text())
+        assert summary["consistency_networks"] == int(two.sum())
+        assert 0 < summary["diversity_chance_1_minus_abs_r"] <= 1
+        assert summary["diversity_1_minus_abs_r"] > 0
 
 
 def test_every_output_has_a_sidecar_with_sources(demo):
@@ -150,7 +171,11 @@ def test_compare_models_side_by_side(demo, tmp_path):
                 "--compare", str(other)]) == 0
     table = pd.read_csv(demo["out"] / "group" / "model_comparison.tsv", sep="\t")
     assert {"smollm2-135m", "minilm-l6"} <= set(table["model"])
-    assert "Model comparison" in (demo["out"] / "group.html").read_text()
+    for col in ("consistency_r", "consistency_networks", "consistency_n_mean", "consistency_chance_lo",
+                "consistency_chance_hi", "consistency_p", "diversity_chance_1_minus_abs_r"):
+        assert col in table.columns, col
+    page = (demo["out"] / "group.html").read_text()
+    assert "Model comparison" in page and "chance" in page
 
 
 def _participant(args):

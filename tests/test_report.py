@@ -98,6 +98,7 @@ def all_figures(d) -> dict[str, Figure]:
         "glass_brain": figures.glass_brain(d["zimg"], "atom 0: z map", threshold=3.1),
         "correspondence_heatmap": figures.correspondence_heatmap(d["corr"]),
         "network_involvement_bars": figures.network_involvement_bars(d["per_net"]),
+        "consistency_figure": figures.consistency_figure(d["per_net"]),
         "group_agreement_figure": figures.group_agreement_figure(d["agree"]),
         "model_comparison_figure": figures.model_comparison_figure(d["models"]),
     }
@@ -177,11 +178,53 @@ def test_figures_draw_what_they_are_given(data):
     assert any(f"significant (n = {int(sig.sum())}," in t for t in legend)
 
 
+def test_consistency_and_comparison_show_counts_and_chance(data):
+    nets = [*data["per_net"]["network"], "Limbic"]  # a network no atom is linked to
+    _, per = organization_metrics(data["corr"], data["atoms"], data["subs"], 0.5, np.zeros(3), networks=nets)
+    has = per["consistency_chance_lo"].notna()
+    assert has.any() and (~has).any()  # networks with and without a consistency
+    ax = figures.consistency_figure(per).axes[0]
+    bands = [(p.get_x(), p.get_x() + p.get_width()) for p in ax.patches]
+    np.testing.assert_allclose(bands, per.loc[has, ["consistency_chance_lo", "consistency_chance_hi"]])
+    texts = [t.get_text() for t in ax.texts]
+    assert [t.split(",")[0].split(":")[0].strip() for t in texts] == \
+        [f"n = {n}" for n in per["consistency_n"]]
+    # model comparison: the chance columns are drawn on their metric's panel, not as panels
+    models = pd.DataFrame({"model": ["bert", "llama"], "consistency_r": [0.4, 0.5],
+                           "consistency_chance_mean": [0.3, 0.32], "consistency_chance_lo": [0.2, 0.25],
+                           "consistency_chance_hi": [0.45, 0.4], "consistency_networks": [3, 5],
+                           "consistency_n_mean": [3.0, 4.2], "consistency_p": [0.2, 0.01],
+                           "diversity_1_minus_abs_r": [0.85, 0.8],
+                           "diversity_chance_1_minus_abs_r": [0.92, 0.9], "dictionary_r2": [0.5, 0.4]})
+    fig = figures.model_comparison_figure(models)
+    panels = [a for a in fig.axes if a.get_title()]
+    assert [a.get_title() for a in panels] == ["consistency r", "diversity 1 minus abs r", "dictionary r2"]
+    cons = panels[0]
+    chance_bars = [(p.get_y(), p.get_y() + p.get_height()) for p in cons.patches
+                   if p.get_x() + p.get_width() / 2 > round(p.get_x() + p.get_width() / 2)]  # right of tick
+    np.testing.assert_allclose(chance_bars, [(0.2, 0.45), (0.25, 0.4)])
+    labels = [t.get_text() for t in cons.get_xticklabels()]
+    assert labels == ["bert\n3 nets, 3.0 atoms", "llama\n5 nets, 4.2 atoms"]
+    # the reports' per-network table and summary: each value beside its count and chance level
+    from bids_llm_encode.workflows.report import metrics_keyvalues, network_metrics_table
+
+    table = network_metrics_table(per)
+    assert table["n (atoms linked)"].tolist() == per["consistency_n"].tolist()
+    assert table["chance 95 %"].iloc[-1] == "n/a" and " to " in table["chance 95 %"].iloc[0]
+    summary, _ = organization_metrics(data["corr"], data["atoms"], data["subs"], 0.5, np.zeros(3),
+                                      diversity_chance={"diversity_1_minus_abs_r": 0.9})
+    kv = metrics_keyvalues(summary)
+    assert "chance" in kv["mean consistency over networks (mean |r|)"]
+    assert kv["diversity (mean 1 - |r|)"].endswith("chance 0.900 (atoms learned from circularly shifted neurons)")
+    assert not any(k.startswith(("consistency_", "diversity_")) for k in kv)
+
+
 def test_empty_inputs_give_a_nothing_to_show_figure():
     empty = pd.DataFrame()
     figs = [figures.runs_timeline(empty), figures.subgroup_layers_figure(empty),
             figures.correspondence_heatmap(empty), figures.network_involvement_bars(empty),
             figures.group_agreement_figure(empty), figures.model_comparison_figure(empty),
+            figures.consistency_figure(empty),
             figures.neuron_timecourses([], np.zeros((0, 0)), [], []),
             figures.atoms_figure([], np.zeros((0, 0))),
             figures.cv_r_histogram([], []),

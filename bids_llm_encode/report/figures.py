@@ -11,7 +11,7 @@ naming what is wrong.
 Participant report: :func:`runs_timeline`, :func:`neuron_timecourses`,
 :func:`atoms_figure`, :func:`subgroup_layers_figure`, :func:`cv_r_histogram`,
 :func:`glass_brain`, :func:`correspondence_heatmap`,
-:func:`network_involvement_bars`. Group report: :func:`group_agreement_figure`,
+:func:`network_involvement_bars`, :func:`consistency_figure`. Group report: :func:`group_agreement_figure`,
 :func:`model_comparison_figure` (and the participant ones on group data).
 """
 
@@ -75,14 +75,23 @@ CAPTIONS = {
     "network_involvement_bars": (
         "For each functional network, how many atoms activate it (right, red) and deactivate "
         "it (left, blue). Fewer atoms per network means a more compact organization."),
+    "consistency_figure": (
+        "Temporal consistency of the atoms linked to each network (dot: mean |r| between their "
+        "time courses, either sign) against its chance level: grey bar, the 95 % range of the same "
+        "statistic for random sets of as many atoms from the same dictionary, tick at its mean. "
+        "n = atoms linked (a smaller set has a wider range), p = permutation p (filled dot: "
+        "p < 0.05). Networks with fewer than 2 linked atoms have no consistency."),
     "group_agreement_figure": (
         "Group links between atoms and networks, with the fraction of participants whose own "
         "maps show the same link (red: activation, blue: deactivation). The dotted line marks "
         "half of the participants."),
     "model_comparison_figure": (
         "Organization metrics for each model, one panel per metric: atoms per network (fewer is "
-        "more compact), temporal consistency of atoms linked to the same network, diversity "
-        "among atoms, and the dictionary and encoding R^2."),
+        "more compact), temporal consistency of atoms linked to the same network (mean over "
+        "networks of the mean |r|; grey bar: its 95 % chance range for random sets of the same "
+        "sizes, tick: chance mean; below each bar: networks with >= 2 atoms and their mean count), "
+        "diversity among atoms (tick: its chance level, atoms learned from circularly shifted "
+        "neurons), and the dictionary and encoding R^2."),
 }
 
 
@@ -553,6 +562,64 @@ def network_involvement_bars(per_network_df: pd.DataFrame) -> Figure:
     return fig
 
 
+def consistency_figure(per_network_df: pd.DataFrame) -> Figure:
+    """Each network's temporal consistency against its chance band, with its count.
+
+    Parameters
+    ----------
+    per_network_df : pandas.DataFrame, shape (n_networks, ...)
+        The per-network table of :func:`bids_llm_encode.networks.metrics.organization_metrics`:
+        columns ``network``, ``consistency_r``, ``consistency_n``,
+        ``consistency_chance_mean``, ``consistency_chance_lo``,
+        ``consistency_chance_hi``, ``consistency_p``.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        One row per network: the chance band (grey), its mean (tick), the
+        observed value (dot, filled when p < 0.05) and ``n``, ``p`` as text.
+    """
+    func = "consistency_figure"
+    if _is_empty(per_network_df):
+        return empty_figure("Temporal consistency", "no networks")
+    cols = ["network", "consistency_r", "consistency_n", "consistency_chance_mean",
+            "consistency_chance_lo", "consistency_chance_hi", "consistency_p"]
+    _require(per_network_df, cols, func)
+    df = per_network_df.reset_index(drop=True)
+    num = {c: pd.to_numeric(df[c], errors="coerce").to_numpy(float) for c in cols[1:]}
+    n = len(df)
+    fig = Figure(figsize=(8, 1.6 + 0.38 * n), layout="constrained")
+    ax = fig.add_subplot()
+    y = np.arange(n)[::-1]
+    lo, hi, mean = num["consistency_chance_lo"], num["consistency_chance_hi"], num["consistency_chance_mean"]
+    obs, p, cnt = num["consistency_r"], num["consistency_p"], num["consistency_n"]
+    has = np.isfinite(lo) & np.isfinite(hi)
+    ax.barh(y[has], (hi - lo)[has], left=lo[has], height=0.5, color="#cbd5e0",
+            label="chance, 95 % range")
+    ax.scatter(mean[has], y[has], marker="|", s=220, color="#4a5568", label="chance mean", zorder=3)
+    ok = np.isfinite(obs)
+    sig = ok & (p < 0.05)
+    ax.scatter(obs[sig], y[sig], s=40, color=ACTIVATION_COLOR, zorder=4, label="observed, p < 0.05")
+    ax.scatter(obs[ok & ~sig], y[ok & ~sig], s=40, facecolors="white", edgecolors=ACTIVATION_COLOR,
+               zorder=4, label="observed, p >= 0.05")
+    right = np.nanmax(np.concatenate([hi[has], obs[ok], [0.1]]))
+    for yi, o, pp, c in zip(y, obs, p, cnt):
+        count = "n/a" if not np.isfinite(c) else f"{int(c)}"
+        text = (f"  n = {count}, p = {pp:.3g}" if np.isfinite(o) and np.isfinite(pp)
+                else f"  n = {count}: no pair" if not np.isfinite(o) else f"  n = {count}")
+        ax.text(right * 1.02, yi, text, va="center", fontsize=8)
+    ax.set_xlim(0, min(1.0, right * 1.02) + max(0.35 * right, 0.12))
+    ax.set_yticks(y, [str(v) for v in df["network"]])
+    ax.set_ylim(-0.6, n - 0.4)
+    ax.set_xlabel("consistency: mean |r| between the linked atoms' time courses")
+    ax.set_title("Temporal consistency against random sets of as many atoms", loc="left",
+                 fontsize=11)
+    ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(0, -0.12 - 1.2 / (n + 3)),
+              ncol=4)
+    ax.spines[["top", "right"]].set_visible(False)
+    return fig
+
+
 # ------------------------------------------------------------ group figures
 def group_agreement_figure(agreement_df: pd.DataFrame, max_links: int = 40) -> Figure:
     """Per atom-network link: the fraction of participants who show it.
@@ -602,6 +669,18 @@ def group_agreement_figure(agreement_df: pd.DataFrame, max_links: int = 40) -> F
     return fig
 
 
+#: Columns of the metrics table that describe another column's chance level or counts:
+#: drawn on that column's panel of :func:`model_comparison_figure`, not as panels of their own.
+CHANCE_COLUMNS = {
+    "consistency_r": {"lo": "consistency_chance_lo", "hi": "consistency_chance_hi",
+                      "mean": "consistency_chance_mean", "networks": "consistency_networks",
+                      "atoms": "consistency_n_mean"},
+    "diversity_1_minus_abs_r": {"mean": "diversity_chance_1_minus_abs_r"},
+}
+_HELPER_COLUMNS = {c for v in CHANCE_COLUMNS.values() for c in v.values()} | {
+    "consistency_p", "consistency_null_sets", "consistency_pool_atoms"}
+
+
 def model_comparison_figure(table_df: pd.DataFrame) -> Figure:
     """Organization metrics side by side across models (one panel per metric).
 
@@ -612,7 +691,10 @@ def model_comparison_figure(table_df: pd.DataFrame) -> Figure:
         one numeric column per metric (e.g. ``atoms_per_network``,
         ``consistency``, ``diversity``, ``dictionary_r2``, ``encoding_r2``);
         or long form with columns ``model``, ``metric``, ``value``.
-        Non-numeric columns are ignored.
+        Non-numeric columns are ignored. The columns of :data:`CHANCE_COLUMNS`
+        (a metric's chance range, chance mean, counts) are drawn on their
+        metric's panel: a grey bar over the chance range, a tick at the chance
+        mean, the counts under the model's name.
     """
     func = "model_comparison_figure"
     if _is_empty(table_df):
@@ -625,22 +707,55 @@ def model_comparison_figure(table_df: pd.DataFrame) -> Figure:
         wide = table_df.set_index("model") if "model" in table_df.columns else table_df
         wide = wide.select_dtypes(include="number")
     wide = wide.dropna(axis=1, how="all")
-    if wide.shape[1] == 0:
+    metrics = [c for c in wide.columns if c not in _HELPER_COLUMNS]
+    if not metrics:
         return empty_figure("Model comparison", "no numeric metrics in the table")
-    metrics = list(wide.columns)
     ncols = min(4, len(metrics))
     nrows = int(np.ceil(len(metrics) / ncols))
-    fig = Figure(figsize=(3.3 * ncols, 2.9 * nrows), layout="constrained")
+    fig = Figure(figsize=(3.3 * ncols, 3.1 * nrows), layout="constrained")
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
     models = [str(m) for m in wide.index]
+    x = np.arange(len(models))
+
+    def col(name):
+        return (wide[name].to_numpy(float) if name in wide.columns
+                else np.full(len(models), np.nan))
+
     for ax, metric in zip(axes, metrics):
         vals = wide[metric].to_numpy(float)
-        ax.bar(np.arange(len(models)), np.nan_to_num(vals),
-               color=[f"C{i % 10}" for i in range(len(models))])
-        for x, v in enumerate(vals):
-            ax.text(x, 0 if not np.isfinite(v) else v, "n/a" if not np.isfinite(v) else f"{v:.3g}",
+        chance = CHANCE_COLUMNS.get(metric, {})
+        chance = chance if any(np.isfinite(col(c)).any() for c in chance.values()) else {}
+        xo, w = (x - 0.17, 0.32) if chance else (x, 0.6)  # observed left, its chance right
+        ax.bar(xo, np.nan_to_num(vals), color=[f"C{i % 10}" for i in range(len(models))], width=w)
+        top = np.nanmax(np.concatenate([vals, [0.0]]))
+        if "lo" in chance:  # a floating grey bar over the 95 % range, a tick at the mean
+            lo, hi = col(chance["lo"]), col(chance["hi"])
+            ok = np.isfinite(lo) & np.isfinite(hi)
+            ax.bar(x[ok] + 0.17, (hi - lo)[ok], bottom=lo[ok], width=w, color="#a0aec0",
+                   label="chance, 95 %")
+            top = np.nanmax(np.concatenate([[top], hi[ok]]))
+        if "mean" in chance:
+            m = col(chance["mean"])
+            ok = np.isfinite(m)
+            if "lo" in chance:
+                ax.scatter(x[ok] + 0.17, m[ok], marker="_", s=300, color="k", zorder=4,
+                           label="chance mean")
+            else:
+                ax.bar(x[ok] + 0.17, m[ok], width=w, color="#a0aec0", label="chance")
+            top = np.nanmax(np.concatenate([[top], m[ok]]))
+        for xi, v in zip(xo, vals):
+            ax.text(xi, 0 if not np.isfinite(v) else v, "n/a" if not np.isfinite(v) else f"{v:.3g}",
                     ha="center", va="bottom", fontsize=8)
-        ax.set_xticks(np.arange(len(models)), models, rotation=30, ha="right", fontsize=8)
+        labels = models
+        if "networks" in chance:
+            nets, atoms = col(chance["networks"]), col(chance["atoms"])
+            labels = [f"{m}\n{'n/a' if not np.isfinite(k) else int(k)} nets, "
+                      f"{'n/a' if not np.isfinite(a) else f'{a:.1f}'} atoms"
+                      for m, k, a in zip(models, nets, atoms)]
+        ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
+        if chance:
+            ax.legend(frameon=False, fontsize=7, loc="upper right")
+            ax.set_ylim(0, max(top, 1e-6) * 1.35)
         ax.set_title(str(metric).replace("_", " "), fontsize=10)
         ax.spines[["top", "right"]].set_visible(False)
     for ax in axes[len(metrics):]:

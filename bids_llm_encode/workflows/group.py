@@ -107,9 +107,10 @@ class GroupStory:
         from nilearn.glm.second_level import SecondLevelModel
 
         from ..networks.atlases import load_atlas
-        from ..networks.metrics import organization_metrics
+        from ..networks.metrics import PER_NETWORK_COLUMNS, linkable_atoms, organization_metrics
         from ..networks.overlap import correspondence, link_agreement, links_table, pairwise_dice
         from ..report import figures as fig
+        from .report import network_metrics_section
 
         cfg, writer, story = self.config, self.writer, self.story
         model = model_label(cfg)
@@ -236,8 +237,10 @@ class GroupStory:
                            for a, s in set(zip(agreement["atom"], agreement["sign"]))}
                 agreement["participant_map_dice"] = [dice_of[a, s] for a, s in
                                                      zip(agreement["atom"], agreement["sign"])]
-            summary, per_network = organization_metrics(corr, atoms, sub_df, float(card["dictionary_r2"]),
-                                                        mean_r2, networks=list(atlas.labels))
+            summary, per_network = organization_metrics(
+                corr, atoms, sub_df, float(card["dictionary_r2"]), mean_r2, networks=list(atlas.labels),
+                eligible=linkable_atoms(corr, atoms.shape[1]), n_null=cfg.n_consistency_null,
+                seed=cfg.seed, diversity_chance=card.get("diversity_chance"))
             summary = dict(summary, atlas=atlas.name, model=cfg.model, story=story, participants=n)
             meta = {"Atlas": atlas.name, "MapThreshold": cfg.map_threshold, "MapRule": cfg.map_rule,
                     "Participants": n}
@@ -251,7 +254,11 @@ class GroupStory:
                               "link, and how alike their thresholded maps are (mean pairwise Dice).",
                               **meta}, sources)
             writer.write_tsv(per_network, self.files.group_table(story, atlas.name, "networks"),
-                             {"Description": "Organization metrics per network (group links).", **meta},
+                             {"Description": "Organization metrics per network (group links; the "
+                              "consistency's chance level from random sets of the story's atoms).",
+                              **PER_NETWORK_COLUMNS, **meta,
+                              "ConsistencyNullSets": cfg.n_consistency_null,
+                              "ConsistencyPool": "linkable atoms (a non-empty thresholded group map)"},
                              sources)
             writer.write_json(summary, self.files.group_table(story, atlas.name, "metrics", ".json"), sources)
             metrics_out[atlas.name] = summary
@@ -263,13 +270,15 @@ class GroupStory:
                        + fig.CAPTIONS["correspondence_heatmap"])
             sec.figure(fig.network_involvement_bars(per_network), "Group links. "
                        + fig.CAPTIONS["network_involvement_bars"])
+            sec.figure(fig.consistency_figure(per_network), "Group links. "
+                       + fig.CAPTIONS["consistency_figure"])
             if len(agreement):
                 sec.figure(fig.group_agreement_figure(agreement), fig.CAPTIONS["group_agreement_figure"])
             if len(links):
                 sec.table(links, caption="Group links")
             else:
                 sec.note("No group atom map overlaps a network beyond the spatial null.", kind="info")
-            sec.keyvalues({k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
+            network_metrics_section(sec, summary, per_network)
         return metrics_out
 
     def _needed(self, ent: dict, names: list[str]) -> list[Path]:
@@ -333,10 +342,36 @@ def compare_models(config: Config, writer: DerivativesWriter, report, own: dict)
                           for row in rows])
     writer.write_tsv(table, OutputFiles(writer, config.space).model_comparison(),
                      {"Description": "Organization metrics of each model (one row per output folder, "
-                      "story and atlas), side by side."}, [Path(p) for p in config.compare])
+                      "story and atlas), side by side. consistency_r is the mean over networks with "
+                      ">= 2 linked atoms (consistency_networks of them, consistency_n_mean atoms on "
+                      "average) of their mean |r|; consistency_chance_* and consistency_p: the same "
+                      "mean for random sets of the same sizes; diversity_chance_1_minus_abs_r: the "
+                      "diversity of atoms learned from circularly shifted neurons."},
+                     [Path(p) for p in config.compare])
     sec = report.add_section("Model comparison", anchor="model-comparison")
     numeric = table.select_dtypes("number").columns.tolist()
-    sec.figure(fig.model_comparison_figure(table[["model", *numeric]]),
-               "Organization metrics side by side (the paper's BERT-versus-Llama comparison).")
-    sec.table(table[["model", "story", "atlas", *numeric]], caption="Metrics per model")
+    shown = table.assign(model=_comparison_labels(table))
+    sec.figure(fig.model_comparison_figure(shown[["model", *numeric]]),
+               "Organization metrics side by side (the paper's BERT-versus-Llama comparison). "
+               + fig.CAPTIONS["model_comparison_figure"])
+    cons = [c for c in ("consistency_r", "consistency_networks", "consistency_n_mean",
+                        "consistency_chance_mean", "consistency_chance_lo", "consistency_chance_hi",
+                        "consistency_p", "diversity_1_minus_abs_r", "diversity_chance_1_minus_abs_r")
+            if c in table.columns]
+    if cons:
+        sec.table(table[["model", "story", "atlas", *cons]],
+                  caption="Consistency (mean over networks of the mean |r|) with the number of networks "
+                  "and atoms behind it and its chance level (random sets of the same sizes), and the "
+                  "diversity beside its chance level, per model")
+    sec.table(table[["model", "story", "atlas", *[c for c in numeric if c not in cons]]],
+              caption="Other metrics per model")
     return table
+
+
+def _comparison_labels(table: pd.DataFrame) -> list[str]:
+    """Model names, with the story and atlas added where one model has several rows."""
+    parts = ["model"] + [c for c in ("story", "atlas") if c in table.columns and table[c].nunique() > 1]
+    labels = [" / ".join(str(v) for v in row) for row in table[parts].itertuples(index=False)]
+    if len(set(labels)) < len(labels) and "output_dir" in table.columns:  # one model, two folders
+        labels = [f"{lab} ({Path(d).name})" for lab, d in zip(labels, table["output_dir"])]
+    return labels

@@ -132,8 +132,9 @@ class Participant:
         cfg, writer = self.config, self.writer
         story = runs[0].story
         acts, dic = stimulus.story_dictionary(story, cfg, self.cache)
+        div_chance = stimulus.diversity_chance(story, acts, cfg, self.cache)
         sub_df = subgroup_table(dic.loadings, acts.layer, mode=cfg.subgroup)
-        write_stimulus_outputs(writer, story, acts, dic, sub_df, cfg)
+        write_stimulus_outputs(writer, story, acts, dic, sub_df, cfg, div_chance)
 
         mask_img = _common_mask(runs)
         mask = np.asarray(mask_img.dataobj) > 0
@@ -176,7 +177,7 @@ class Participant:
         corr, metrics = {}, {}
         for atlas in self.atlases(mask_img):
             corr[atlas.name], metrics[atlas.name] = self.networks(atlas, enc, dic, sub_df, mask_img,
-                                                                  ent, sources)
+                                                                  ent, sources, div_chance)
         return StoryResult(story, acts, dic, enc, mask_img, corr, metrics, sub_df)
 
     def write_encoding_maps(self, enc: EncodingResult, mask_img, ent: dict, sources) -> None:
@@ -251,8 +252,8 @@ class Participant:
                 for spec in self.config.fbn_atlas]
 
     def networks(self, atlas: Atlas, enc: EncodingResult, dic: Dictionary, sub_df: pd.DataFrame,
-                 mask_img, ent: dict, sources):
-        from ..networks.metrics import organization_metrics
+                 mask_img, ent: dict, sources, diversity_chance: dict | None = None):
+        from ..networks.metrics import PER_NETWORK_COLUMNS, linkable_atoms, organization_metrics
         from ..networks.overlap import correspondence, links_table
 
         cfg, writer = self.config, self.writer
@@ -268,11 +269,15 @@ class Participant:
         writer.write_tsv(links, self.files.table(ent, atlas.name, "links"),
                          {"Description": "Atom -> network links (FDR-significant overlaps), and so "
                           "AN sub-group -> network.", **atlas_meta}, sources)
-        summary, per_network = organization_metrics(corr, dic.atoms, sub_df, dic.r2, enc.cv_r2,
-                                                    networks=list(atlas.labels))
+        summary, per_network = organization_metrics(
+            corr, dic.atoms, sub_df, dic.r2, enc.cv_r2, networks=list(atlas.labels),
+            eligible=linkable_atoms(corr, dic.n_atoms), n_null=cfg.n_consistency_null, seed=cfg.seed,
+            diversity_chance=diversity_chance)
         writer.write_tsv(per_network, self.files.table(ent, atlas.name, "networks"),
                          {"Description": "Organization metrics per network (method.md section 6).",
-                          **atlas_meta}, sources)
+                          **PER_NETWORK_COLUMNS, **atlas_meta,
+                          "ConsistencyNullSets": cfg.n_consistency_null,
+                          "ConsistencyPool": "linkable atoms (a non-empty thresholded map)"}, sources)
         writer.write_json(dict(summary, atlas=atlas.name, model=self.config.model),
                           self.files.table(ent, atlas.name, "metrics", ".json"), sources)
         log.info("sub-%s %s: %d atom -> network link(s)", self.subject, atlas.name, len(links))
@@ -294,7 +299,8 @@ def atom_names(n_atoms: int) -> list[str]:
 
 
 def write_stimulus_outputs(writer: DerivativesWriter, story: Story, acts: WordActivations,
-                           dic: Dictionary, sub_df: pd.DataFrame, cfg: Config) -> None:
+                           dic: Dictionary, sub_df: pd.DataFrame, cfg: Config,
+                           diversity_chance: dict | None = None) -> None:
     """The per-story, per-model files shared by all participants.
 
     Written once per settings: a rerun into the same folder with other
@@ -309,7 +315,8 @@ def write_stimulus_outputs(writer: DerivativesWriter, story: Story, acts: WordAc
     model, files = model_label(cfg), ParticipantFiles(writer, cfg.space)
     card_path = files.story(story.name, model, "modelcard")
     settings = digest(acts.card.get("cache_key"), dic.atoms.shape, dic.alpha, cfg.n_atoms, cfg.sparsity,
-                      cfg.seed, cfg.atom_tr, cfg.hrf, cfg.subgroup, cfg.an_centering)
+                      cfg.seed, cfg.atom_tr, cfg.hrf, cfg.subgroup, cfg.an_centering,
+                      "diversity-chance" if diversity_chance is not None else None)
     if card_path.exists():
         if json.loads(card_path.read_text()).get("settings_digest") == settings:
             return
@@ -341,7 +348,8 @@ def write_stimulus_outputs(writer: DerivativesWriter, story: Story, acts: WordAc
                       "neuron index.", "FrameTimes": dic.frame_times.tolist()}, src)
     writer.write_json(dict(acts.card, dictionary_r2=dic.r2, n_atoms=dic.n_atoms, alpha=dic.alpha,
                            sparsity=cfg.sparsity, atom_tr=cfg.atom_tr, hrf=cfg.hrf, an_centering=cfg.an_centering,
-                           subgroup=cfg.subgroup, dictionary=dic.info, settings_digest=settings),
+                           subgroup=cfg.subgroup, dictionary=dic.info, diversity_chance=diversity_chance,
+                           settings_digest=settings),
                       card_path, src)
 
 

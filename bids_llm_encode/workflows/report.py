@@ -108,9 +108,57 @@ def participant_story_sections(report, result, cfg: Config, writer) -> None:
                                  anchor=f"networks-{atlas_name}-{story.name}")
         sec.figure(fig.correspondence_heatmap(corr), fig.CAPTIONS["correspondence_heatmap"])
         sec.figure(fig.network_involvement_bars(per_network), fig.CAPTIONS["network_involvement_bars"])
+        sec.figure(fig.consistency_figure(per_network), fig.CAPTIONS["consistency_figure"])
         links = corr[corr["linked"]]
         if len(links):
             sec.table(links[["atom", "network", "sign", "dice", "p", "q"]], caption="Links")
         else:
             sec.note("No atom's map overlaps a network beyond the spatial null.", kind="info")
-        sec.keyvalues({k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
+        network_metrics_section(sec, summary, per_network)
+
+
+def network_metrics_table(per_network: pd.DataFrame) -> pd.DataFrame:
+    """The per-network metrics as the reports show them: each value beside its count and chance band."""
+    def band(lo, hi):
+        return "n/a" if not (np.isfinite(lo) and np.isfinite(hi)) else f"{lo:.3f} to {hi:.3f}"
+
+    return pd.DataFrame({
+        "network": per_network["network"],
+        "atoms activating": per_network["n_atoms_activate"],
+        "atoms deactivating": per_network["n_atoms_deactivate"],
+        "n (atoms linked)": per_network["consistency_n"],
+        "consistency (mean |r|)": per_network["consistency_r"],
+        "chance mean": per_network["consistency_chance_mean"],
+        "chance 95 %": [band(lo, hi) for lo, hi in zip(per_network["consistency_chance_lo"].astype(float),
+                                                       per_network["consistency_chance_hi"].astype(float))],
+        "p": per_network["consistency_p"],
+    })
+
+
+def metrics_keyvalues(summary: dict) -> dict:
+    """The summary metrics for a report: consistency and diversity each beside its chance level."""
+    def num(key, fmt="{:.3f}"):
+        v = summary.get(key)
+        return "n/a" if v is None or not np.isfinite(v) else fmt.format(v)
+
+    out = {k: v for k, v in summary.items() if not isinstance(v, (dict, list))
+           and not k.startswith(("consistency_", "diversity_"))}
+    out["mean consistency over networks (mean |r|)"] = (
+        f"{num('consistency_r')} over {summary.get('consistency_networks', 0)} network(s) with >= 2 "
+        f"atoms ({num('consistency_n_mean', '{:.1f}')} atoms on average); chance "
+        f"{num('consistency_chance_mean')}, 95 % {num('consistency_chance_lo')} to "
+        f"{num('consistency_chance_hi')}, p = {num('consistency_p', '{:.3g}')} "
+        f"({summary.get('consistency_null_sets')} random sets from {summary.get('consistency_pool_atoms')} "
+        "atoms)")
+    out["diversity (mean 1 - |r|)"] = (f"{num('diversity_1_minus_abs_r')}; chance "
+                                       f"{num('diversity_chance_1_minus_abs_r')} (atoms learned from "
+                                       "circularly shifted neurons)")
+    return out
+
+
+def network_metrics_section(sec, summary: dict, per_network: pd.DataFrame) -> None:
+    """The per-network table (counts and chance bands) and the summary metrics of one atlas."""
+    sec.table(network_metrics_table(per_network),
+              caption="Per network: atoms linked, temporal consistency (mean |r|) beside its chance "
+              "level for random sets of as many atoms (mean, 95 % range) and its permutation p")
+    sec.keyvalues(metrics_keyvalues(summary))
