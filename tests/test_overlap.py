@@ -70,6 +70,12 @@ def test_planted_maps_are_detected(grid):
     again = correspondence(z[:1], mask_img, atlas, n_null=200, seed=1)
     np.testing.assert_array_equal(drawn.p.to_numpy(), again.p.to_numpy())
     assert drawn.p.min() == pytest.approx(1 / 201)
+    # an atom that is not stable across the dictionary's restarts keeps its row and p, is never linked
+    flagged = correspondence(z, mask_img, atlas, n_null=None, stable=[False, True, True])
+    f0 = flagged[flagged.atom == 0]
+    np.testing.assert_array_equal(f0.p.to_numpy(), df[df.atom == 0].p.to_numpy())
+    assert not f0.linked.any() and f0.q.isna().all() and not f0.stable.any()
+    assert flagged.set_index(["atom", "network", "sign"]).loc[(1, "Visual2", "deactivation")].linked
 
 
 def test_null_calibration_on_unrelated_smooth_maps(grid):

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 SIGNS = ("activation", "deactivation")
 COLUMNS = ["atom", "network", "sign", "n_map_voxels", "n_network_voxels", "n_overlap", "dice",
-           "jaccard", "overlap_rate", "p", "q", "linked"]
+           "jaccard", "overlap_rate", "p", "q", "stable", "linked"]
 
 
 # --------------------------------------------------------------------------- overlap helpers
@@ -219,6 +219,7 @@ def correspondence(
     min_kept: float = 0.5,
     atom_names: Optional[Sequence] = None,
     map_rule: str = "winner",
+    stable: Optional[Sequence[bool]] = None,
 ) -> pd.DataFrame:
     """Overlap of each atom's thresholded z map with each network, tested against a spatial null.
 
@@ -250,13 +251,18 @@ def correspondence(
         largest |z| there only (:func:`preferred_atom_maps`), so that atoms
         whose time courses are correlated do not all claim the same voxels;
         "all": every atom's map is its own thresholded z.
+    stable : sequence of bool, shape (n_atoms,), optional
+        Atoms reproducible across the dictionary's restarts
+        (``patterns.consensus.linkable_atoms``). The others keep their rows and
+        p-values but are never linked, and their q is NaN: the FDR runs over
+        the stable atoms' tests only. Default: all stable.
 
     Returns
     -------
     DataFrame
         One row per atom x network x sign with columns ``atom, network, sign,
         n_map_voxels, n_network_voxels, n_overlap, dice, jaccard, overlap_rate,
-        p, q, linked``. A map with no supra-threshold voxel has dice 0 and p 1.
+        p, q, stable, linked``. A map with no supra-threshold voxel has dice 0 and p 1.
     """
     _, mask = _as_mask(mask_img)
     n_vox = int(mask.sum())
@@ -327,8 +333,14 @@ def correspondence(
         if (a + 1) % 16 == 0:
             log.info("correspondence: %d/%d atoms (%.1f s)", a + 1, n_atoms, time.perf_counter() - t0)
     df = pd.DataFrame(rows, columns=COLUMNS[:10])
-    df["q"] = false_discovery_control(df["p"].to_numpy(), method="bh") if len(df) else []
-    df["linked"] = (df["q"] < fdr_alpha) & (df["dice"] > 0)
+    ok = np.ones(n_atoms, bool) if stable is None else np.asarray(stable, bool).ravel()
+    if ok.shape != (n_atoms,):
+        raise UsageError(f"stable must have one flag per atom ({n_atoms}), got shape {ok.shape}")
+    df["stable"] = np.repeat(ok, n_net * 2)  # rows are atom-major
+    df["q"] = np.nan
+    if df["stable"].any():
+        df.loc[df["stable"], "q"] = false_discovery_control(df.loc[df["stable"], "p"].to_numpy(), method="bh")
+    df["linked"] = df["stable"] & (df["q"] < fdr_alpha) & (df["dice"] > 0)
     log.info("correspondence with %s: %d atoms x %d networks x 2 signs, %d links, %.1f s",
              atlas.name, n_atoms, n_net, int(df["linked"].sum()), time.perf_counter() - t0)
     df.attrs.update(atlas=atlas.name, threshold=threshold, n_null=n_null, seed=seed, map_rule=map_rule,
