@@ -89,3 +89,41 @@ def test_story_dictionary_refuses_a_too_small_mem_mb_before_learning(tmp_path, m
     with pytest.raises(UsageError, match="story s: .* --mem-mb 100"):
         stimulus.story_dictionary(story, cfg, Cache(tmp_path / "cache"))
     assert not Cache(tmp_path / "cache").has("dictionary", "any")
+
+
+def test_dictionary_cache_key_holds_the_device_and_dtype(tmp_path, monkeypatch):
+    """A dictionary learned on cuda is not read by a CPU run (their last bits differ), nor the reverse."""
+    from types import SimpleNamespace
+
+    import scipy.sparse as sp
+
+    from bids_llm_encode.bids.stimuli import read_gentle_csv
+    from bids_llm_encode.cache import Cache
+    from bids_llm_encode.config import Config
+    from bids_llm_encode.records import Dictionary
+    from bids_llm_encode.workflows import stimulus
+
+    p = tmp_path / "align.csv"
+    p.write_text("".join(f"w{i},w{i},{i * 0.5},{i * 0.5 + 0.4}\n" for i in range(40)))
+    story = read_gentle_csv(p, "s")
+    acts = SimpleNamespace(values=np.ones((40, 30), dtype=np.float32), card={"identity": "x"})
+    monkeypatch.setattr(stimulus, "story_activations", lambda *a: acts)
+    monkeypatch.setattr(stimulus, "neuron_series", lambda s, a, grid, c: np.zeros((len(grid), 30)))
+    learned = []
+
+    def fake_learn(X, n_atoms, device, frame_times, **kw):
+        learned.append(device)
+        assert str(kw["dtype"]) == "torch.float32"
+        return Dictionary(atoms=np.zeros((len(frame_times), n_atoms)), loadings=sp.csr_matrix((n_atoms, 30)),
+                          frame_times=frame_times, r2=0.5, objective=1.0, alpha=0.1, info={"device": device})
+
+    monkeypatch.setattr(dl, "learn_dictionary", fake_learn)
+    assert stimulus.DICTIONARY_DTYPE == "float32"
+    cache = Cache(tmp_path / "cache")
+    cfg = Config(bids_dir=tmp_path, output_dir=tmp_path / "o", analysis_level="participant", n_atoms=4,
+                 device="cpu")
+    for device in ("cpu", "cuda", "cpu", "cuda"):
+        monkeypatch.setattr(stimulus, "torch_device", lambda d, device=device: device)
+        _, d = stimulus.story_dictionary(story, cfg, cache)
+        assert d.info["device"] == device  # never the other device's entry
+    assert learned == ["cpu", "cuda"]  # each learned once, then read from the cache
