@@ -89,3 +89,105 @@ def test_story_dictionary_refuses_a_too_small_mem_mb_before_learning(tmp_path, m
     with pytest.raises(UsageError, match="story s: .* --mem-mb 100"):
         stimulus.story_dictionary(story, cfg, Cache(tmp_path / "cache"))
     assert not Cache(tmp_path / "cache").has("dictionary", "any")
+
+
+def test_dictionary_cache_key_holds_the_device_and_dtype(tmp_path, monkeypatch):
+    """A dictionary learned on cuda is not read by a CPU run (their last bits differ), nor the reverse."""
+    from types import SimpleNamespace
+
+    import scipy.sparse as sp
+
+    from bids_llm_encode.bids.stimuli import read_gentle_csv
+    from bids_llm_encode.cache import Cache
+    from bids_llm_encode.config import Config
+    from bids_llm_encode.records import Dictionary
+    from bids_llm_encode.workflows import stimulus
+
+    p = tmp_path / "align.csv"
+    p.write_text("".join(f"w{i},w{i},{i * 0.5},{i * 0.5 + 0.4}\n" for i in range(40)))
+    story = read_gentle_csv(p, "s")
+    acts = SimpleNamespace(values=np.ones((40, 30), dtype=np.float32), card={"identity": "x"})
+    monkeypatch.setattr(stimulus, "story_activations", lambda *a: acts)
+    monkeypatch.setattr(stimulus, "neuron_series", lambda s, a, grid, c: np.zeros((len(grid), 30)))
+    learned = []
+
+    def fake_learn(X, n_atoms, device, frame_times, **kw):
+        learned.append(device)
+        assert str(kw["dtype"]) == "torch.float32"
+        return Dictionary(atoms=np.zeros((len(frame_times), n_atoms)), loadings=sp.csr_matrix((n_atoms, 30)),
+                          frame_times=frame_times, r2=0.5, objective=1.0, alpha=0.1, info={"device": device})
+
+    monkeypatch.setattr(dl, "learn_dictionary", fake_learn)
+    assert stimulus.DICTIONARY_DTYPE == "float32"
+    cache = Cache(tmp_path / "cache")
+    cfg = Config(bids_dir=tmp_path, output_dir=tmp_path / "o", analysis_level="participant", n_atoms=4,
+                 device="cpu")
+    for device in ("cpu", "cuda", "cpu", "cuda"):
+        monkeypatch.setattr(stimulus, "torch_device", lambda d, device=device: device)
+        _, d = stimulus.story_dictionary(story, cfg, cache)
+        assert d.info["device"] == device  # never the other device's entry
+    assert learned == ["cpu", "cuda"]  # each learned once, then read from the cache
+
+
+# ----------------------------------------------------------------------------- the whole participant level
+
+#: The documented tolerance of --nprocs 1 vs 2 (docs/usage.md, --nprocs): the encoding's BLAS
+#: products (OpenBLAS sgemm) round differently with the thread count. Measured on the demo
+#: (sub-01, 20 shifts): atom z 7.2e-6, effect 6.6e-7, CV r 0.0020 and CV R^2 0.0015 (3 of 29,398
+#: voxels beyond 1e-4: a ridge penalty that flips between two tied ones), CV p 0.0010; FDR masks,
+#: overlaps, links, atoms and loadings identical.
+NPROCS_TOL = {"effect": 1e-4, "z": 1e-4, "cv_r": 5e-3, "cv_r2": 5e-3, "p": 5e-3}
+
+
+@contextlib.contextmanager
+def all_threads(n: int):
+    from threadpoolctl import threadpool_limits
+
+    with threads(n), threadpool_limits(limits=n):
+        yield
+
+
+@pytest.mark.skipif((__import__("os").cpu_count() or 1) < 2, reason="needs 2 CPU cores")
+def test_encoding_and_links_within_the_documented_tolerance_with_one_or_two_threads():
+    """The stages after the dictionary, as the participant level calls them, at 1 and 2 threads."""
+    import nibabel as nib
+
+    from bids_llm_encode.encoding.fit import RunData, fit_encoding
+    from bids_llm_encode.networks.overlap import correspondence, links_table
+    from bids_llm_encode.records import Atlas
+
+    rng = np.random.default_rng(5)
+    T, K = 300, 4
+    ijk = np.stack(np.meshgrid(*[np.arange(18)] * 3, indexing="ij"), -1)
+    brain = ((ijk - 8.5) ** 2).sum(-1) <= 8**2  # a ball in an 18^3 box
+    nets = np.zeros(brain.shape, int)  # four networks: 5^3 cubes inside the ball
+    for k, c in enumerate([(3, 6, 6), (9, 3, 9), (6, 11, 5), (11, 9, 11)], 1):
+        nets[c[0]:c[0] + 5, c[1]:c[1] + 5, c[2]:c[2] + 5] = k
+    net = nets[brain]
+    V = int(brain.sum())
+    D = rng.standard_normal((T, K)).astype(np.float32)
+    D = np.apply_along_axis(lambda x: np.convolve(x, np.hanning(8), "same"), 0, D).astype(np.float32)
+    W = np.zeros((K, V), np.float32)
+    W[0, net == 1], W[1, net == 3] = 0.5, -0.5  # atom 0 -> A (activation), atom 1 -> C (deactivation)
+    Y = D @ W + rng.standard_normal((T, V)).astype(np.float32)
+    baseline = rng.standard_normal((T, 2))
+    mask_img = nib.Nifti1Image(brain.astype(np.uint8), np.diag([3.0, 3.0, 3.0, 1.0]))
+    atlas = Atlas("cubes", np.stack([net == k for k in range(1, 5)]), tuple("ABCD"))
+    out = {}
+    for n in (1, 2):
+        with all_threads(n):
+            enc = fit_encoding([RunData(Y=Y, design=D, baseline=baseline, name="r")], cv_folds=5,
+                               n_permutations=20, seed=0, n_targets_batch=20000)
+            corr = correspondence(enc.z, mask_img, atlas, threshold=3.1, n_null=1000, seed=0)
+        out[n] = enc, corr, links_table(corr)
+    (e1, c1, l1), (e2, c2, l2) = out[1], out[2]
+    for name, tol in NPROCS_TOL.items():
+        diff = float(np.max(np.abs(getattr(e1, name).astype(np.float64) - getattr(e2, name))))
+        assert diff <= tol, f"{name}: {diff} > {tol}"
+    assert np.array_equal(e1.significant, e2.significant)
+    assert {(0, "A", "activation"), (1, "C", "deactivation")} <= set(zip(l1["atom"], l1["network"],
+                                                                          l1["sign"]))  # found ...
+    pd_testing = __import__("pandas").testing
+    pd_testing.assert_frame_equal(l1, l2)  # ... and are the same with either thread count
+    pd_testing.assert_frame_equal(c1[["atom", "network", "sign", "linked"]], c2[["atom", "network", "sign",
+                                                                                 "linked"]])

@@ -1,4 +1,4 @@
-"""The one checked reader of input images (BOLD, brain masks), and ``unmask``.
+"""The one checked reader of input images (BOLD, brain masks, atlases, participant maps), and ``unmask``.
 
 Every input NIfTI goes through here, so that a broken or wrong file is a
 :class:`~bids_llm_encode.errors.DataError` (exit 65) that names the file and
@@ -13,6 +13,10 @@ says what is wrong, never a traceback from nibabel, gzip or numpy:
 - :func:`load_bold` / :func:`load_mask` are the full reads of the participant
   workflow; a read error (a file truncated in the middle) is reported the same
   way, and a BOLD that is NaN everywhere inside the mask is refused.
+- :func:`check_image` / :func:`load_image` do the same for any other NIfTI:
+  a user atlas (``networks/atlases.py``, checked when the runs are found) and,
+  at the group level, every participant map it reads (checked before the first
+  is used). Tables go through the TSV twin of this module, ``bids/tables.py``.
 
 ``unmask`` (mask-ordered values back into a 3D image) lives here too, for the
 participant and group workflows and the report (it used to sit in
@@ -30,7 +34,7 @@ from typing import Optional
 import nibabel as nib
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, MissingInputError
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +52,39 @@ def _what_failed(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
-def _open(path: Path, what: str) -> nib.Nifti1Image:
+#: What to do about a broken fMRIPrep output.
+_REPLACE = "Replace the file (rerun fMRIPrep for it, or copy it again)."
+
+
+def _gzip_ends_early(path: Path) -> bool:
+    """True when ``path`` is gzip data whose stream stops before its end (a truncated file)."""
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(2) != b"\x1f\x8b":
+                return False
+            fh.seek(0)
+            d = zlib.decompressobj(wbits=31)
+            while block := fh.read(1 << 22):
+                while block:
+                    if d.eof:  # another gzip member follows
+                        d = zlib.decompressobj(wbits=31)
+                    d.decompress(block)
+                    block = d.unused_data if d.eof else b""
+            return not d.eof
+    except (OSError, zlib.error):
+        return False
+
+
+def _open(path: Path, what: str, hint: str = _REPLACE) -> nib.Nifti1Image:
     path = Path(path)
     try:
         img = nib.load(os.fspath(path))
     except _READ_ERRORS as exc:
+        if _gzip_ends_early(path):  # too short even for its header: nibabel says "cannot work out file type"
+            raise DataError(f"{path}: the {what} is truncated (its gzip stream ends early, before the "
+                            f"NIfTI header could be read). {hint}") from None
         raise DataError(f"{path}: cannot read the {what} as a NIfTI image: {_what_failed(exc)}. "
-                        "Replace the file (rerun fMRIPrep for it, or copy it again).") from None
+                        f"{hint}") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise DataError(f"{path}: the {what} is a {type(img).__name__}, not a NIfTI image. "
                         "Give the .nii.gz fMRIPrep wrote.")
@@ -66,7 +96,7 @@ def _expected_bytes(img) -> int:
     return int(hdr.get_data_offset()) + int(np.prod(img.shape)) * np.dtype(hdr.get_data_dtype()).itemsize
 
 
-def _check_complete(path: Path, img, what: str) -> None:
+def _check_complete(path: Path, img, what: str, hint: str = _REPLACE) -> None:
     """A truncated file is caught from its size (``.nii``) or its gzip trailer (``.nii.gz``).
 
     The trailer's ISIZE (uncompressed size mod 2^32) is compared with what the
@@ -81,7 +111,7 @@ def _check_complete(path: Path, img, what: str) -> None:
         if not path.name.endswith(".gz"):
             if size < expected:
                 raise DataError(f"{path}: the {what} is truncated: {size} bytes where the header "
-                                f"announces {expected}. Replace the file.")
+                                f"announces {expected}. {hint}")
             return
         with open(path, "rb") as fh:
             if size >= 18:
@@ -98,13 +128,12 @@ def _check_complete(path: Path, img, what: str) -> None:
                     else:
                         block = b""
     except zlib.error as exc:
-        raise DataError(f"{path}: the {what} is not a valid gzip file ({exc}). Replace the file.") from None
+        raise DataError(f"{path}: the {what} is not a valid gzip file ({exc}). {hint}") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read the {what}: {exc.strerror or exc}.") from None
     if total < expected:
         raise DataError(f"{path}: the {what} is truncated: {total} bytes once decompressed where the "
-                        f"header announces {expected}. Replace the file (rerun fMRIPrep for it, or copy "
-                        "it again).")
+                        f"header announces {expected}. {hint}")
 
 
 def _same_grid(a, b) -> bool:
@@ -115,6 +144,47 @@ def _same_grid(a, b) -> bool:
 def _grid(img) -> str:
     aff = np.round(np.asarray(img.affine), 4).tolist()
     return f"shape {tuple(int(x) for x in img.shape[:3])}, affine {aff}"
+
+
+def check_image(path: Path, what: str, ndims: tuple = (3, 4), hint: str = _REPLACE) -> nib.Nifti1Image:
+    """Header checks of any input NIfTI (an atlas, a participant map); returns the (lazy) image.
+
+    Readable, NIfTI, ``ndim`` in ``ndims``, not truncated (file size, gzip
+    trailer). ``what`` names the file's role in messages, ``hint`` says what to do.
+
+    Raises
+    ------
+    MissingInputError (66)
+        The file does not exist.
+    DataError (65)
+        Any other problem, the file named.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise MissingInputError(f"the {what} {path} does not exist")
+    img = _open(path, what, hint)
+    if img.ndim not in ndims or min(img.shape) < 1:
+        want = " or ".join(f"{n}D" for n in ndims)
+        raise DataError(f"{path}: the {what} must be {want}, got shape {img.shape}. {hint}")
+    _check_complete(path, img, what, hint)
+    return img
+
+
+def load_image(path: Path, what: str, ndims: tuple = (3, 4), hint: str = _REPLACE,
+               dtype=None) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """:func:`check_image`, then the data read in full (a read error is exit 65 naming the file).
+
+    Returns the image and its data (``dtype``: as stored when None). An image
+    that is NaN everywhere is refused.
+    """
+    img = check_image(path, what, ndims, hint)
+    try:
+        data = np.asarray(img.dataobj) if dtype is None else np.asarray(img.dataobj, dtype=dtype)
+    except _READ_ERRORS as exc:
+        raise DataError(f"{path}: cannot read the {what}: {_what_failed(exc)}. {hint}") from None
+    if data.dtype.kind == "f" and data.size and np.isnan(data).all():
+        raise DataError(f"{path}: the {what} is NaN everywhere. {hint}")
+    return img, data
 
 
 def check_bold(path: Path) -> nib.Nifti1Image:

@@ -28,6 +28,7 @@ from ..errors import DataError, MissingInputError, NoMatchError, UsageError
 from ..records import RunInputs, Story
 from .images import check_bold, check_mask
 from .stimuli import load_story, read_events_words, read_gentle_phones
+from .tables import check_confounds, read_events
 
 log = logging.getLogger(__name__)
 
@@ -134,21 +135,10 @@ def _check_stim_file(stim_file: str, bids_dir: Path, events: Path, lineno: int) 
                         f"{bids_dir}")
 
 
-def _read_events(events: Path) -> tuple[list[str], list[list[str]]]:
-    lines = events.read_text().splitlines()
-    if not lines:
-        raise DataError(f"events file {events} is empty")
-    header = [h.strip() for h in lines[0].split("\t")]
-    rows = []
-    for lineno, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
-        cells = [c.strip() for c in line.split("\t")]
-        if len(cells) != len(header):
-            raise DataError(f"{events}, line {lineno}: {len(cells)} columns where the header has "
-                            f"{len(header)}")
-        rows.append(cells)
-    return header, rows
+def _read_events(events: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """Header and (line number, cells) of an events file, through the checked reader (exit 65)."""
+    table = read_events(events)
+    return list(table.columns), [(int(n), list(row)) for n, row in zip(table.index, table.to_numpy())]
 
 
 def _with_phones(story: Story, timing: Path) -> Story:
@@ -173,10 +163,9 @@ def _story_from_events(events: Path, bids_dir: Path, task: str,
     col = {c: i for i, c in enumerate(header)}
     stims = []  # (lineno, stim_file, onset, trial_type)
     if "stim_file" in col:
-        for k, cells in enumerate(rows):
+        for lineno, cells in rows:
             sf = cells[col["stim_file"]]
             if sf and sf != "n/a":
-                lineno = k + 2
                 _check_stim_file(sf, bids_dir, events, lineno)
                 tt = cells[col["trial_type"]] if "trial_type" in col else ""
                 stims.append((lineno, sf, cells[col["onset"]] if "onset" in col else "", tt))
@@ -248,14 +237,6 @@ def _float_tr(meta: dict, where: Path) -> Optional[float]:
     if not tr > 0:
         raise DataError(f"{where}: RepetitionTime {tr} is not positive")
     return tr
-
-
-def _count_rows(tsv: Path) -> int:
-    with open(tsv, "rb") as fh:
-        lines = [ln for ln in fh.read().splitlines() if ln.strip()]
-    if not lines:
-        raise DataError(f"confounds file {tsv} is empty (no header)")
-    return len(lines) - 1
 
 
 def _layouts(config: Config):
@@ -451,10 +432,7 @@ def _run_inputs(bold, raw, der, bids_dir: Path, deriv: Path, space: str,
                     Path(preproc).name, hdr_tr, tr)
     stref = _slice_time_ref(der_meta, tr, der_json)
 
-    n_conf = _count_rows(Path(confounds))
-    if n_conf != n_frames:
-        raise DataError(f"BOLD {preproc} has {n_frames} frames but confounds {confounds} has {n_conf} "
-                        f"rows; they must be the same run")
+    check_confounds(Path(confounds), n_frames, Path(preproc))  # text, numbers, one row per frame
 
     ev_query = {k: v for k, v in match.items() if k in ("subject", "session", "task", "run",
                                                          "acquisition")}

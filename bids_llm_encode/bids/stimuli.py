@@ -33,6 +33,7 @@ import numpy as np
 
 from ..errors import DataError, MissingInputError
 from ..records import Story
+from .tables import read_tsv
 
 log = logging.getLogger(__name__)
 
@@ -513,22 +514,14 @@ def read_events_words(path: Path, name: Optional[str] = None) -> Optional[Story]
         (with the line number).
     """
     path = _check_exists(path)
-    lines = _read_text(path).splitlines()
-    if not lines:
-        raise DataError(f"{path}: empty events file")
-    header = lines[0].split("\t")
-    col = {c.strip(): i for i, c in enumerate(header)}
+    table = read_tsv(path, "events file", strings=True)  # text, tab-separated, no ragged line (exit 65)
+    col = {c: i for i, c in enumerate(table.columns)}
     has_word_col = "word" in col
     if not has_word_col and "trial_type" not in col:
         return None
     rows = []
-    for lineno, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
-        cells = line.split("\t")
-        if len(cells) != len(header):
-            raise DataError(f"{path}, line {lineno}: {len(cells)} columns where the header has {len(header)}")
-        get = lambda c: cells[col[c]].strip() if c in col else ""  # noqa: E731
+    for lineno, cells in zip(table.index, table.to_numpy()):
+        get = lambda c: cells[col[c]] if c in col else ""  # noqa: E731
         word = get("word") if has_word_col else ""
         is_word = (word not in ("", "n/a")) or get("trial_type") == "word"
         if not is_word:

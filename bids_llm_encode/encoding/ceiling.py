@@ -17,10 +17,10 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-import nibabel as nib
 import numpy as np
 from nilearn import signal
 
+from ..bids.images import load_bold
 from ..errors import DataError
 from ..records import RunInputs
 from .confounds import load_confounds
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 def _story_series(run: RunInputs, mask: np.ndarray, grid: np.ndarray, strategy: str, scrub: bool):
     """The run's cleaned BOLD at the story-time grid, z-scored, (len(grid), V); NaN rows where no frame is near."""
     conf, sample_mask = load_confounds(run.bold, run.confounds, strategy, scrub)
-    Y = np.asarray(nib.load(run.bold).dataobj, dtype=np.float32)[mask].T
+    Y = load_bold(run.bold, mask)  # the checked reader: a broken file is exit 65 naming it
     kept = np.arange(Y.shape[0]) if sample_mask is None else np.asarray(sample_mask)
     clean = signal.clean(Y.astype(np.float64), confounds=conf, sample_mask=sample_mask, detrend=False,
                          standardize=None, standardize_confounds=True, filter=False)

@@ -34,12 +34,13 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 from nilearn.interfaces.fmriprep import load_confounds as nl_load_confounds
 from nilearn.interfaces.fmriprep.load_confounds_strategy import preset_strategies
 
+from ..bids.images import check_bold
+from ..bids.tables import check_confounds
 from ..errors import DataError, MissingInputError, UsageError
 
 log = logging.getLogger(__name__)
@@ -73,15 +74,10 @@ def _strategy_params(strategy: str, scrub: bool) -> dict:
 
 
 def _n_frames(bold: Path) -> int:
+    """Frames of the BOLD, from its header through the checked image reader (exit 65 naming it)."""
     if not bold.is_file():
         raise MissingInputError(f"BOLD file not found: {bold}")
-    try:
-        shape = nib.load(str(bold)).shape
-    except Exception as exc:  # nibabel raises several types
-        raise DataError(f"cannot read the BOLD file {bold}: {exc}") from exc
-    if len(shape) != 4:
-        raise DataError(f"{bold} is not a 4D image (shape {shape})")
-    return int(shape[3])
+    return int(check_bold(bold).shape[3])
 
 
 def _link_for_nilearn(folder: Path, confounds_file: Path) -> Path:
@@ -151,6 +147,7 @@ def load_confounds(
             "(expected *_desc-confounds_timeseries.tsv or *_desc-confounds_regressors.tsv)"
         )
     n_frames = _n_frames(bold)
+    raw = check_confounds(confounds_file, n_frames, bold)  # text, numbers, one row per frame (exit 65)
     fallback_acompcor = 0
     with tempfile.TemporaryDirectory(prefix="ble-confounds-") as tmp:
         fake_bold = _link_for_nilearn(Path(tmp), confounds_file)
@@ -175,7 +172,6 @@ def load_confounds(
         except Exception as exc:  # nilearn raises ValueError / MissingConfoundError
             raise DataError(f"cannot take confounds ({strategy!r}) from {confounds_file}: {exc}") from exc
     if fallback_acompcor:
-        raw = pd.read_csv(confounds_file, sep="\t", na_values=["n/a"])
         cols = sorted(c for c in raw.columns if c.startswith("a_comp_cor_"))[:fallback_acompcor]
         if len(cols) < fallback_acompcor:
             raise DataError(f"{confounds_file} has {len(cols)} a_comp_cor_* columns, need {fallback_acompcor}")

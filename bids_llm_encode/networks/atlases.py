@@ -51,6 +51,8 @@ import numpy as np
 import pandas as pd
 
 from .. import cache as cache_mod
+from ..bids.images import check_image, load_image, load_mask
+from ..bids.tables import read_text, read_tsv
 from ..errors import DataError, MissingInputError, UsageError
 from ..records import Atlas
 
@@ -121,10 +123,7 @@ def _as_mask(mask_img) -> tuple[nib.Nifti1Image, np.ndarray]:
         path = Path(mask_img)
         if not path.exists():
             raise MissingInputError(f"brain mask {path} does not exist")
-        try:
-            mask_img = nib.load(str(path))
-        except Exception as exc:  # nibabel raises several types
-            raise DataError(f"cannot read the brain mask {path}: {exc}") from exc
+        mask_img = load_mask(path)  # the checked reader: exit 65 naming a broken file
     data = np.asanyarray(mask_img.dataobj)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
@@ -327,10 +326,7 @@ def _load_tpl(spec: str, mask_img, mask, space: str) -> tuple[np.ndarray, list[s
 
 
 def _read_label_tsv(path: Path) -> pd.DataFrame:
-    try:
-        table = pd.read_csv(path, sep="\t")
-    except Exception as exc:
-        raise DataError(f"cannot read the label table {path}: {exc}") from exc
+    table = read_tsv(path, "atlas label table")
     cols = {c.lower(): c for c in table.columns}
     idx_col = cols.get("index") or cols.get("label") or cols.get("id")
     name_col = cols.get("name") or cols.get("label_name") or cols.get("network")
@@ -346,10 +342,7 @@ def _read_label_tsv(path: Path) -> pd.DataFrame:
 
 def _read_name_column(path: Path) -> list[str]:
     """Names of 4D maps from a TSV: its ``name`` column (rows in volume order), or its only column."""
-    try:
-        table = pd.read_csv(path, sep="\t")
-    except Exception as exc:
-        raise DataError(f"cannot read the label table {path}: {exc}") from exc
+    table = read_tsv(path, "atlas label table")
     cols = {c.lower(): c for c in table.columns}
     if "name" in cols:
         if "index" in cols:
@@ -391,15 +384,73 @@ def _labels_to_maps(path: Path, mask_img, mask, index_to_network: dict) -> tuple
     return maps, labels
 
 
+#: What to do about a broken atlas file.
+_ATLAS_HINT = "Replace the atlas file (download or copy it again)."
+
+
 def _load_nifti(path: Path):
-    if not Path(path).exists():
-        raise MissingInputError(f"atlas file {path} does not exist")
-    try:
-        img = nib.load(str(path))
-        img.get_fdata(dtype=np.float32)  # read now so that a truncated file fails here
-    except Exception as exc:
-        raise DataError(f"cannot read the atlas image {path}: {exc}") from exc
+    """The atlas image through the checked reader, read in full now (a truncated file fails here)."""
+    img, _ = load_image(Path(path), "atlas image", (3, 4), _ATLAS_HINT, dtype=np.float32)
     return img
+
+
+def _user_files(spec: str) -> tuple[Path, Optional[Path]]:
+    """The image and label file of a user atlas spec (``img.nii.gz[:labels.tsv]``)."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and tail.lower().endswith((".tsv", ".txt")):
+        path, label_file = Path(head), Path(tail)
+        if not label_file.exists():
+            raise MissingInputError(f"atlas label table {label_file} does not exist")
+    else:
+        path, label_file = Path(spec), None
+    if label_file is None:
+        stem = _stem(path)
+        for cand in (path.with_name(stem + ".tsv"), path.with_name(stem + ".txt")):
+            if cand.exists():
+                label_file = cand
+                break
+    return path, label_file
+
+
+def _label_names(label_file: Path) -> list[str]:
+    return [ln.strip() for ln in read_text(label_file, "atlas label list").splitlines() if ln.strip()]
+
+
+def is_user_atlas(spec: str) -> bool:
+    """A path (not a built-in name, not ``tpl:``)."""
+    spec = spec.strip()
+    return spec.lower() not in {k.lower() for k in _BUILTIN} and not spec.startswith("tpl:")
+
+
+def check_user_atlases(specs) -> None:
+    """Check the files of every user atlas in ``specs`` before the model runs.
+
+    The image's header and completeness (``bids/images.check_image``: NIfTI,
+    3D or 4D, not truncated) and its label table (``bids/tables.read_tsv``,
+    with the columns its kind needs). Built-in and TemplateFlow atlases are
+    not checked here (they are the package's or TemplateFlow's files).
+
+    Raises
+    ------
+    MissingInputError (66)
+        The image or its named label table does not exist.
+    DataError (65)
+        A broken image or table, the file named.
+    """
+    for spec in specs:
+        if not isinstance(spec, str) or not spec.strip() or not is_user_atlas(spec):
+            continue
+        path, label_file = _user_files(spec.strip())
+        img = check_image(path, "atlas image", (3, 4), _ATLAS_HINT)
+        if label_file is None:
+            continue
+        four_d = len(img.shape) == 4 and img.shape[3] > 1
+        if label_file.suffix.lower() == ".txt":
+            _label_names(label_file)
+        elif four_d:
+            _read_name_column(label_file)
+        else:
+            _read_label_tsv(label_file)
 
 
 def _stem(path: Path) -> str:
@@ -411,21 +462,9 @@ def _stem(path: Path) -> str:
 
 
 def _load_user(spec: str, mask_img, mask, threshold: float, threshold_kind: str):
-    label_file: Optional[Path] = None
-    head, sep, tail = spec.rpartition(":")
-    if sep and tail.lower().endswith((".tsv", ".txt")):
-        path, label_file = Path(head), Path(tail)
-        if not label_file.exists():
-            raise MissingInputError(f"atlas label table {label_file} does not exist")
-    else:
-        path = Path(spec)
+    path, label_file = _user_files(spec)
     img = _load_nifti(path)
     stem = _stem(path)
-    if label_file is None:
-        for cand in (path.with_name(stem + ".tsv"), path.with_name(stem + ".txt")):
-            if cand.exists():
-                label_file = cand
-                break
     info = {"source": "user file", "file": str(path), "labels_file": str(label_file or ""),
             "space": "as given (assumed to match the mask's)", "citation": ""}
     ndim = len(img.shape)
@@ -434,7 +473,7 @@ def _load_user(spec: str, mask_img, mask, threshold: float, threshold_kind: str)
         if label_file is None:
             names = [f"map{i:02d}" for i in range(n)]
         elif label_file.suffix.lower() == ".txt":
-            names = [ln.strip() for ln in label_file.read_text().splitlines() if ln.strip()]
+            names = _label_names(label_file)
         else:
             names = _read_name_column(label_file)
         if len(names) != n:
@@ -467,7 +506,7 @@ def _load_user(spec: str, mask_img, mask, threshold: float, threshold_kind: str)
                     "by their values", path, stem)
         index_to_network = {i: f"label{i:02d}" for i in ids}
     elif label_file.suffix.lower() == ".txt":
-        names = [ln.strip() for ln in label_file.read_text().splitlines() if ln.strip()]
+        names = _label_names(label_file)
         index_to_network = {i + 1: nm for i, nm in enumerate(names)}
     else:
         table = _read_label_tsv(label_file)

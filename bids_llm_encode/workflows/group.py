@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import defaultdict
@@ -26,7 +25,8 @@ from ..cache import Cache, cache_root
 from ..config import Config, normalize_labels
 from ..encoding.stats import MIN_CEILING, ceiling_fraction
 from ..errors import MissingInputError, NoMatchError
-from ..bids.images import unmask
+from ..bids.images import check_image, load_image, load_mask, unmask
+from ..bids.tables import read_json, read_tsv
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,8 @@ def _participant_stories(writer: DerivativesWriter, config: Config) -> dict[str,
         if not summary.exists():
             log.warning("sub-%s: no run summary (%s); skipped", sub, summary.name)
             continue
-        df = pd.read_csv(summary, sep="\t", dtype=str, keep_default_na=False)
+        df = read_tsv(summary, "run summary", required=("session", "task", "story"), strings=True,
+                      quoted=True)  # a broken table: exit 65 naming it
         for (ses, task, story), _ in df.groupby(["session", "task", "story"], sort=True):
             ent = {"sub": sub, "task": task}
             if ses not in ("", "n/a", "None"):
@@ -61,6 +62,9 @@ def run_group_level(config: Config) -> None:
         raise MissingInputError(
             f"{config.output_dir}: no participant-level outputs (dataset_description.json is "
             "missing). Run the participant level into this folder first.")
+    from ..networks.atlases import check_user_atlases
+
+    check_user_atlases(config.fbn_atlas)  # a broken --fbn-atlas file: exit 65 before any work
     cache = Cache(cache_root(config))
     writer = DerivativesWriter(config.output_dir, config)
     writer.remove_temps(writer.output_dir / "group")  # leftovers of a killed group run
@@ -121,11 +125,11 @@ class GroupStory:
                 raise MissingInputError(f"{f}: the story's atoms are missing (a participant run with "
                                         f"--model {cfg.model} was interrupted, or none ran); run the "
                                         "participant level into this folder first")
-        atoms_df = pd.read_csv(atoms_tsv, sep="\t")
+        atoms_df = read_tsv(atoms_tsv, "atoms table", numeric="all", quoted=True)
         names = [c for c in atoms_df.columns if c.startswith("atom")]
         atoms = atoms_df[names].to_numpy()
-        card = json.loads(self.files.story(story, model, "modelcard").read_text())
-        sub_df = pd.read_csv(self.files.story(story, model, "subgroups"), sep="\t")
+        card = read_json(self.files.story(story, model, "modelcard"), "model card")
+        sub_df = read_tsv(self.files.story(story, model, "subgroups"), "sub-group table", quoted=True)
 
         ents = []
         for e in self.entities:  # a participant killed while writing its maps has only some of them
@@ -135,16 +139,19 @@ class GroupStory:
                             "rerun the participant level for it", story, e["sub"], len(absent), absent[0])
             else:
                 ents.append(e)
+        for e in ents:  # every map's header and completeness, before the first is used (exit 65)
+            for f in self._needed(e, names):
+                check_image(f, "participant map", (3,), self._hint(e))
         if not ents:
             raise MissingInputError(f"story {story}: no participant has complete atom maps in "
                                     f"{writer.output_dir}; run (or rerun) the participant level first")
-        masks = [nib.load(self.files.fdr_mask(e)) for e in ents]
+        masks = [self._load(self.files.fdr_mask(e), e)[1] for e in ents]
         brain = self._group_mask(ents)
         mask = np.asarray(brain.dataobj) > 0
         n = len(ents)
         sources = [self._map(e, desc=names[0], stat="effect") for e in ents]
 
-        z_by_atom = [np.stack([np.asarray(nib.load(self._map(e, desc=name, stat="z")).dataobj)[mask]
+        z_by_atom = [np.stack([self._load(self._map(e, desc=name, stat="z"), e)[1][mask]
                                for e in ents]) for name in names]  # atoms x (participants, voxels)
 
         # Group maps per atom: random effects (one-sample over participants) or fixed effects.
@@ -168,7 +175,7 @@ class GroupStory:
                        "intercept): random effects")
             else:
                 zs = z_by_atom[k]
-                effs = np.stack([np.asarray(nib.load(f).dataobj)[mask] for f in effects])
+                effs = np.stack([self._load(f, e)[1][mask] for f, e in zip(effects, ents)])
                 z_img = unmask(zs.sum(0) / np.sqrt(n), brain)
                 eff_img = unmask(effs.mean(0), brain)
                 how = (f"Stouffer's z over {n} participants' z maps (sum / sqrt(n)) and the mean "
@@ -180,10 +187,9 @@ class GroupStory:
                      "random" if random_fx else "fixed", "Participants": [e["sub"] for e in ents]},
                     effects)
 
-        cv_r2 = np.stack([np.asarray(nib.load(self._map(e, desc="cv", stat="rsquared")).dataobj)[mask]
-                          for e in ents])
+        cv_r2 = np.stack([self._load(self._map(e, desc="cv", stat="rsquared"), e)[1][mask] for e in ents])
         mean_r2 = cv_r2.mean(axis=0)
-        sig_frac = np.mean([np.asarray(m.dataobj)[mask] > 0 for m in masks], axis=0)
+        sig_frac = np.mean([m[mask] > 0 for m in masks], axis=0)
         writer.write_nifti(unmask(sig_frac, brain), self.files.group_statmap(story, "cvfdr", "fraction"),
             {"Description": "Fraction of participants whose CV r is FDR-significant in each voxel."},
             [self.files.fdr_mask(e) for e in ents])
@@ -191,7 +197,7 @@ class GroupStory:
         isc = self._isc_ceiling(ents, brain, mask)
         ceiling_info = {}
         if isc is not None:
-            cv_r = np.stack([np.asarray(nib.load(self._map(e, desc="cv", stat="r")).dataobj)[mask]
+            cv_r = np.stack([self._load(self._map(e, desc="cv", stat="r"), e)[1][mask]
                              for e in ents]).mean(axis=0)
             frac = ceiling_fraction(cv_r, isc)
             for desc, stat, values, text in (
@@ -228,7 +234,7 @@ class GroupStory:
             for e in ents:
                 f = self.files.table(e, atlas.name, "overlap")
                 if f.exists():
-                    tables.append(pd.read_csv(f, sep="\t"))
+                    tables.append(read_tsv(f, "overlap table", quoted=True))
             agreement = link_agreement(tables) if tables else pd.DataFrame()
             if len(agreement):
                 agreement = agreement.merge(corr[["atom", "network", "sign", "linked"]].rename(
@@ -281,6 +287,13 @@ class GroupStory:
             network_metrics_section(sec, summary, per_network)
         return metrics_out
 
+    def _hint(self, ent: dict) -> str:
+        return f"Rerun the participant level for sub-{ent['sub']} into {self.writer.output_dir}."
+
+    def _load(self, path: Path, ent: dict) -> tuple[nib.Nifti1Image, np.ndarray]:
+        """A participant map through the checked reader (a read error is exit 65 naming it)."""
+        return load_image(path, "participant map", (3,), self._hint(ent))
+
     def _needed(self, ent: dict, names: list[str]) -> list[Path]:
         """Every participant file the group level reads for this story."""
         out = [self._map(ent, desc=name, stat=stat) for name in names for stat in ("effect", "z")]
@@ -303,17 +316,17 @@ class GroupStory:
         first = {}
         for r in runs:  # one presentation per participant
             first.setdefault(r.subject, r)
-        grids = {(nib.load(r.mask).shape[:3], tuple(np.round(nib.load(r.mask).affine, 3).ravel()))
-                 for r in first.values()}
+        masks = [load_mask(r.mask) for r in first.values()]  # the checked reader (exit 65)
+        grids = {(m.shape[:3], tuple(np.round(m.affine, 3).ravel())) for m in masks}
         if len(grids) > 1 or next(iter(grids))[0] != mask.shape:
             log.warning("story %s: participants' BOLD are on different grids; no ISC ceiling", self.story)
             return None
         return isc_ceiling(list(first.values()), mask, cfg.confounds_strategy, cfg.scrub)
 
     def _group_mask(self, ents) -> nib.Nifti1Image:
-        masks = [nib.load(self._map(e, desc="cv", stat="r")) for e in ents]
-        inside = np.all([np.asarray(m.dataobj) != 0 for m in masks], axis=0)
-        return nib.Nifti1Image(inside.astype(np.uint8), masks[0].affine)
+        loaded = [self._load(self._map(e, desc="cv", stat="r"), e) for e in ents]
+        inside = np.all([data != 0 for _, data in loaded], axis=0)
+        return nib.Nifti1Image(inside.astype(np.uint8), loaded[0][0].affine)
 
     def _participant_dice(self, z: np.ndarray, sign: str, pairwise_dice) -> float:
         """Mean pairwise Dice of the participants' thresholded maps (z: participants x voxels)."""
@@ -337,7 +350,7 @@ def compare_models(config: Config, writer: DerivativesWriter, report, own: dict)
             raise MissingInputError(f"--compare {other}: no group metrics (group/<story>/*_metrics.json); "
                                     "run the group level there first")
         for f in found:
-            rows.append(dict(json.loads(f.read_text()), output_dir=str(other)))
+            rows.append(dict(read_json(f, "group metrics"), output_dir=str(other)))
     table = pd.DataFrame([{k: v for k, v in row.items() if not isinstance(v, (dict, list))}
                           for row in rows])
     writer.write_tsv(table, OutputFiles(writer, config.space).model_comparison(),

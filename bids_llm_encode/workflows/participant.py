@@ -29,6 +29,7 @@ from ..cache import Cache, cache_root
 from ..config import Config
 from ..encoding.stats import MIN_CEILING, ceiling_fraction
 from ..errors import DataError
+from ..networks.atlases import check_user_atlases
 from ..records import Atlas, Dictionary, EncodingResult, RunInputs, Story, WordActivations
 from . import stimulus
 
@@ -44,7 +45,8 @@ def run_participant_level(config: Config) -> None:
     else:
         validate_dataset(config.bids_dir)
         log.info("BIDS validation of %s: no errors", config.bids_dir)
-    runs = find_runs(config)
+    runs = find_runs(config)  # every run's images, confounds and events checked (exit 65 naming a file)
+    check_user_atlases(config.fbn_atlas)  # a broken --fbn-atlas file: exit 65 before the model runs
     by_subject: dict[str, list[RunInputs]] = defaultdict(list)
     for run in runs:
         by_subject[run.subject].append(run)

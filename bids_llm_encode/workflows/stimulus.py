@@ -78,15 +78,30 @@ def neuron_series(story: Story, activations: WordActivations, frame_times_audio:
                         hrf=config.hrf)
 
 
+#: The precision :func:`story_dictionary` learns in (``learn_dictionary``'s ``dtype``); in the cache key.
+DICTIONARY_DTYPE = "float32"
+
+
 def story_dictionary(story: Story, config: Config, cache: Cache) -> tuple[WordActivations, Dictionary]:
-    """Word activations and the sparse dictionary of a story, computed once and cached."""
+    """Word activations and the sparse dictionary of a story, computed once and cached.
+
+    The key holds the resolved device (``cpu`` or ``cuda``, ``--device auto``
+    resolved) and the learning's dtype besides the story and the settings: a
+    dictionary learned on a GPU differs from the CPU's in the last bits, so a
+    CPU run never reads atoms a GPU run left in a shared cache (or the reverse).
+    The thread count is not in the key: the CPU result is the same for any
+    ``--nprocs`` (tests/test_determinism.py).
+    """
     from ..patterns.dictionary import learn_dictionary
 
     acts = story_activations(story, config, cache)
     grid = reference_frame_times(story, config.atom_tr)
+    device = torch_device(config.device)
     key = _dictionary_key(story, acts, grid, config)
 
     def create(folder):
+        import torch
+
         from ..patterns.dictionary import check_memory
 
         need = check_memory(len(grid), acts.values.shape[1], config.n_atoms, config.mem_mb,
@@ -95,7 +110,7 @@ def story_dictionary(story: Story, config: Config, cache: Cache) -> tuple[WordAc
                  config.n_atoms, acts.values.shape[1], len(grid), need // 2**20)
         X = neuron_series(story, acts, grid, config)
         d = learn_dictionary(X, n_atoms=config.n_atoms, sparsity=config.sparsity, seed=config.seed,
-                             device=torch_device(config.device), frame_times=grid)
+                             device=device, dtype=getattr(torch, DICTIONARY_DTYPE), frame_times=grid)
         np.save(folder / "atoms.npy", d.atoms)
         np.save(folder / "frame_times.npy", d.frame_times)
         sp.save_npz(folder / "loadings.npz", d.loadings.tocsr())
@@ -116,7 +131,7 @@ def story_dictionary(story: Story, config: Config, cache: Cache) -> tuple[WordAc
 def _dictionary_key(story: Story, acts: WordActivations, grid: np.ndarray, config: Config) -> str:
     return digest("dictionary", acts.card.get("identity"), acts.card.get("cache_key"), story.words,
                   story.starts.tolist(), grid.tolist(), config.hrf, config.n_atoms, config.sparsity,
-                  config.seed, config.an_centering)
+                  config.seed, config.an_centering, torch_device(config.device), DICTIONARY_DTYPE)
 
 
 #: Neurons (at most) the diversity's chance dictionary is learned from, for cost.
