@@ -191,3 +191,44 @@ def test_encoding_and_links_within_the_documented_tolerance_with_one_or_two_thre
     pd_testing.assert_frame_equal(l1, l2)  # ... and are the same with either thread count
     pd_testing.assert_frame_equal(c1[["atom", "network", "sign", "linked"]], c2[["atom", "network", "sign",
                                                                                  "linked"]])
+
+
+def test_long_story_frame_series_equals_the_dense_product(monkeypatch):
+    """Above 256 MB of dense word -> frame matrix, neuron_series builds it sparse, by blocks: same X."""
+    from pathlib import Path
+
+    from bids_llm_encode.config import Config
+    from bids_llm_encode.records import Story, WordActivations
+    from bids_llm_encode.workflows import stimulus
+
+    rng = np.random.default_rng(0)
+    W, N = 2500, 1500  # > one block of words (2,048) and of neurons (1,024)
+    vals = (rng.standard_normal((W, N)) + 3).astype(np.float32)
+    vals[:, 7] = 2.0  # a constant neuron: zeros after centring and z-scoring
+    starts = 0.5 + np.concatenate([[0.0], np.cumsum(rng.gamma(4.0, 0.1, W - 1))])
+    story = Story("s", ("w",) * W, starts, starts + 0.3, np.ones(W, bool), Path("s.csv"))
+    acts = WordActivations(values=vals, layer=np.zeros(N, int), unit=np.arange(N), card={})
+    for centring in ("mean", "none"):
+        cfg = Config(bids_dir=Path("."), output_dir=Path("o"), analysis_level="participant",
+                     an_centering=centring)
+        for ft in (stimulus.reference_frame_times(story, 1.5), np.arange(-10.0, 300.0, 1.5)):  # a run's grid
+            monkeypatch.setattr(stimulus, "DENSE_WORD_MATRIX_MAX_BYTES", 2**62)
+            dense = stimulus.neuron_series(story, acts, ft, cfg)
+            monkeypatch.setattr(stimulus, "DENSE_WORD_MATRIX_MAX_BYTES", 0)
+            sparse = stimulus.neuron_series(story, acts, ft, cfg)
+            assert sparse.dtype == np.float32 and sparse.shape == dense.shape
+            np.testing.assert_allclose(sparse, dense, rtol=0, atol=1e-5)
+            assert (not sparse[:, 7].any()) == (centring == "mean")  # centred, the constant neuron is 0
+
+
+def test_dictionary_checks_do_not_copy_the_whole_matrix():
+    """The finite and all-zero checks go by column blocks (a whole-matrix isfinite held 6.7 bytes/entry)."""
+    X = torch.zeros((5, 5000))
+    X[:, :4999] = 1.0
+    assert dl._all_columns(X, lambda b: torch.isfinite(b).all())
+    assert not dl._all_columns(X, lambda b: (b.abs().amax(0) > 0).all())
+    X[2, 4500] = float("nan")
+    from bids_llm_encode.errors import DataError
+
+    with pytest.raises(DataError, match="holds 1 non-finite"):
+        dl.learn_dictionary(X.numpy(), n_atoms=2, progress=False)

@@ -89,11 +89,21 @@ def _as_tensor(X: ArrayLike, name: str, device: torch.device, dtype: torch.dtype
     if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
         raise DataError(f"{name} must hold real numbers, got dtype {t.dtype}")
     t = t.to(device=device, dtype=dtype)
-    if not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
+    if not _all_columns(t, lambda b: torch.isfinite(b).all()):
+        bad = sum(int((~torch.isfinite(t[:, s:s + 2048])).sum()) for s in range(0, t.shape[1], 2048))
         raise DataError(f"{name} holds {bad} non-finite values (NaN or inf); "
                         "z-score the responses and drop constant or missing neurons first")
     return t
+
+
+def _all_columns(t: torch.Tensor, test, batch: int = 2048) -> bool:
+    """``test`` holds on every block of ``batch`` columns of a 2-D ``t``.
+
+    Memory: ``torch.isfinite`` or ``abs`` of the whole matrix make copies of it
+    (``isfinite`` an ``abs`` copy and two masks: 6.7 bytes per entry, measured
+    1.5 GB at 13,356 x 17,280), beyond the estimate; by blocks they stay small.
+    """
+    return all(bool(test(t[:, s:s + batch])) for s in range(0, t.shape[1], batch))
 
 
 def _dsum(t: torch.Tensor) -> float:
@@ -240,16 +250,21 @@ def _lipschitz(G: torch.Tensor) -> float:
 def _column_stats(X: torch.Tensor, batch: int) -> tuple[torch.Tensor, float]:
     """``||x_j||^2`` per neuron (float64) and the total sum of squares of the centred columns.
 
-    In column batches: a float64 copy of the whole ``X`` (8 T N bytes, twice)
-    is never made, which keeps the peak memory at the documented factor.
+    In column batches of at most 2,048 neurons, with one float64 temporary
+    besides the batch (``8 T min(batch, 4096)`` bytes, the estimate's term): a
+    float64 copy of the whole ``X`` is never made. (With the solver's batch of
+    16,384 and four temporaries this held 32 T b bytes, 5 GB at 13,347 frames,
+    beyond the estimate: benchmarks/memory.py.) The same bits as one batch.
     """
     N = X.shape[1]
+    b = max(1, min(int(batch), 2048))
     xsq = torch.empty(N, dtype=torch.float64, device=X.device)
     css = torch.empty(N, dtype=torch.float64, device=X.device)
-    for s in range(0, N, batch):
-        Xb = X[:, s:s + batch].double()
-        xsq[s:s + batch] = (Xb ** 2).sum(0)
-        css[s:s + batch] = ((Xb - Xb.mean(0)) ** 2).sum(0)
+    for s in range(0, N, b):
+        Xb = X[:, s:s + b].double()
+        xsq[s:s + b] = (Xb * Xb).sum(0)
+        Xb -= Xb.mean(0)
+        css[s:s + b] = (Xb * Xb).sum(0)
     return xsq, _dsum(css)
 
 
@@ -535,9 +550,9 @@ def learn_dictionary(X: ArrayLike, n_atoms: int = 64, alpha: Optional[float] = N
         ref = alpha_from_sparsity(Xt, 1.0)
         rel = float(alpha) / ref if ref > 0 else float("nan")
     alpha = float(alpha)
-    if not (Xt.abs().amax(0) > 0).all():
+    if not _all_columns(Xt, lambda b: (b.abs().amax(0) > 0).all()):
         log.warning("%d of %d neurons have an all-zero response; they get zero loadings",
-                    int((Xt.abs().amax(0) == 0).sum()), N)
+                    sum(int((Xt[:, s:s + 2048].abs().amax(0) == 0).sum()) for s in range(0, N, 2048)), N)
 
     xsq, tss = _column_stats(Xt, batch_neurons)
     D = _init_dict(Xt, K, init, seed)

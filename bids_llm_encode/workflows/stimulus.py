@@ -52,6 +52,17 @@ def story_activations(story: Story, config: Config, cache: Cache) -> WordActivat
     return _acts(get_model(config, cache), story, config, cache)
 
 
+def _centred(values: np.ndarray, config: Config) -> np.ndarray:
+    """``values`` (words, neurons) centred over the words per ``--an-centering``, float32."""
+    if config.an_centering == "none":
+        return values
+    out = np.empty(values.shape, np.float32)
+    for c0 in range(0, values.shape[1], _COLUMNS):  # a float64 copy of the whole matrix is never made
+        v = values[:, c0:c0 + _COLUMNS]
+        out[:, c0:c0 + _COLUMNS] = v - v.mean(axis=0, dtype=np.float64)
+    return out
+
+
 def word_values(activations: WordActivations, config: Config) -> np.ndarray:
     """The impulse amplitudes of the neurons at the words, (words, neurons), float32.
 
@@ -63,19 +74,67 @@ def word_values(activations: WordActivations, config: Config) -> np.ndarray:
     carrier belongs to the word-rate baseline and the atoms describe how neurons
     differ across words. ``none`` keeps the raw activations.
     """
-    vals = activations.values
-    if config.an_centering == "none":
-        return vals
-    return (vals - vals.mean(axis=0, dtype=np.float64)).astype(np.float32)
+    return _centred(activations.values, config)
+
+
+#: Neurons per block of the centring and of the long-story frame series.
+_COLUMNS = 1024
+
+#: Above this size (bytes) of the dense word -> frame matrix (frames x words, float64),
+#: :func:`neuron_series` builds it as a sparse banded matrix, in blocks of words.
+DENSE_WORD_MATRIX_MAX_BYTES = 256 * 2**20
+
+#: Words per block of the long-story word -> frame matrix.
+_WORDS = 2048
 
 
 def neuron_series(story: Story, activations: WordActivations, frame_times_audio: np.ndarray,
                   config: Config) -> np.ndarray:
-    """The neurons' z-scored frame series X at the given audio-relative frame times, (frames, neurons)."""
+    """The neurons' z-scored frame series X at the given audio-relative frame times, (frames, neurons).
+
+    ``signal.frames.frame_series`` of the centred word values. It multiplies a
+    dense frames x words matrix (float64): 5.3 GB for a 50,000-word story at
+    1.5 s (13,347 frames), and several times that while it is built. When that
+    matrix would exceed :data:`DENSE_WORD_MATRIX_MAX_BYTES` (256 MB, about
+    10,000 words), the same matrix is built in blocks of words with
+    ``signal.frames.words_to_frame_matrix`` (its columns do not depend on the
+    other words) and kept sparse (an HRF spans about 22 frames), and X is
+    formed in blocks of neurons, centred and z-scored by the same rules: the
+    memory is X plus blocks (benchmarks/memory.py), the result equal to the
+    dense product's up to float64 rounding.
+    """
     from ..signal.frames import frame_series
 
-    return frame_series(story.starts, word_values(activations, config), np.asarray(frame_times_audio),
-                        hrf=config.hrf)
+    ft = np.asarray(frame_times_audio)
+    n_words = len(story.starts)
+    if ft.size * n_words * 8 <= DENSE_WORD_MATRIX_MAX_BYTES:
+        return frame_series(story.starts, word_values(activations, config), ft, hrf=config.hrf)
+    return _long_story_series(story, activations.values, ft, config)
+
+
+def _long_story_series(story: Story, values: np.ndarray, ft: np.ndarray, config: Config) -> np.ndarray:
+    from ..errors import DataError
+    from ..signal.frames import words_to_frame_matrix
+
+    onsets = np.asarray(story.starts, dtype=float)
+    if values.ndim != 2 or values.shape[0] != onsets.size:
+        raise DataError(f"values must have one row per word: {onsets.size} onsets but values of shape "
+                        f"{values.shape}")
+    H = sp.hstack([sp.csc_matrix(words_to_frame_matrix(onsets[w0:w0 + _WORDS], ft, config.hrf))
+                   for w0 in range(0, onsets.size, _WORDS)]).tocsr()
+    log.info("story %s: word -> frame matrix %d x %d, %d non-zeros (sparse: %d words)", story.name,
+             H.shape[0], H.shape[1], H.nnz, onsets.size)
+    out = np.empty((ft.size, values.shape[1]), dtype=np.float32)
+    for c0 in range(0, values.shape[1], _COLUMNS):
+        X = H @ _centred(values[:, c0:c0 + _COLUMNS], config).astype(np.float64)
+        # z-scored as signal.frames.frame_series does: constant columns become zeros
+        mean = X.mean(axis=0)
+        std = X.std(axis=0)
+        flat = std <= 1e-12 * np.maximum(1.0, np.abs(mean))
+        X = (X - mean) / np.where(flat, 1.0, std)
+        X[:, flat] = 0.0
+        out[:, c0:c0 + _COLUMNS] = X
+    return out
 
 
 #: The precision :func:`story_dictionary` learns in (``learn_dictionary``'s ``dtype``); in the cache key.
