@@ -59,25 +59,33 @@ def neuron_series(story: Story, activations: WordActivations, frame_times_audio:
 
 
 def story_dictionary(story: Story, config: Config, cache: Cache) -> tuple[WordActivations, Dictionary]:
-    """Word activations and the sparse dictionary of a story, computed once and cached."""
-    from ..patterns.dictionary import learn_dictionary
+    """Word activations and the sparse dictionary of a story, computed once and cached.
+
+    The dictionary is the consensus of ``config.restarts`` fits
+    (``patterns.consensus.learn_consensus_dictionary``; 1 = the single
+    SVD-started fit, whose cache entries from before the restarts stay valid).
+    """
+    from ..patterns.consensus import consensus_settings, learn_consensus_dictionary
 
     acts = story_activations(story, config, cache)
     grid = reference_frame_times(story, config.atom_tr)
+    consensus = [] if config.restarts == 1 else [consensus_settings(config.restarts)]
     key = digest("dictionary", acts.card.get("identity"), acts.card.get("cache_key"), story.words,
                  story.starts.tolist(), grid.tolist(), config.hrf, config.n_atoms, config.sparsity,
-                 config.seed)
+                 config.seed, *consensus)
 
     def create(folder):
-        from ..patterns.dictionary import check_memory
+        from ..patterns.consensus import check_memory
 
         need = check_memory(len(grid), acts.values.shape[1], config.n_atoms, config.mem_mb,
-                            f"story {story.name}")  # --mem-mb too small: exit 64 before learning
-        log.info("story %s: learning %d atoms from %d neurons x %d frames (about %d MB)", story.name,
-                 config.n_atoms, acts.values.shape[1], len(grid), need // 2**20)
+                            f"story {story.name}", restarts=config.restarts)  # exit 64 before learning
+        log.info("story %s: learning %d atoms from %d neurons x %d frames, %d restart%s (about %d MB)",
+                 story.name, config.n_atoms, acts.values.shape[1], len(grid), config.restarts,
+                 "s" if config.restarts != 1 else "", need // 2**20)
         X = neuron_series(story, acts, grid, config)
-        d = learn_dictionary(X, n_atoms=config.n_atoms, sparsity=config.sparsity, seed=config.seed,
-                             device=torch_device(config.device), frame_times=grid)
+        d = learn_consensus_dictionary(X, n_atoms=config.n_atoms, sparsity=config.sparsity,
+                                       restarts=config.restarts, seed=config.seed,
+                                       device=torch_device(config.device), frame_times=grid)
         np.save(folder / "atoms.npy", d.atoms)
         np.save(folder / "frame_times.npy", d.frame_times)
         sp.save_npz(folder / "loadings.npz", d.loadings.tocsr())
