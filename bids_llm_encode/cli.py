@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--subgroup", default=None, help="nonzero, or top-Q (a fraction or a count)")
     a.add_argument("--atom-tr", type=float, default=None)
     a.add_argument("--seed", type=int, default=None)
+    a.add_argument("--restarts", type=int, default=None,
+                   help="dictionary fits from random starts (on halves of the neurons) whose consensus "
+                   f"is the dictionary (default {d['restarts'].default}); 1 = one SVD-started fit, no stability")
+    a.add_argument("--min-stability", type=float, default=None,
+                   help="atoms whose stability (median |r| of the restarts with the consensus) is lower "
+                   f"are kept but not linked to networks (default {d['min_stability'].default})")
 
     e = p.add_argument_group("encoding")
     e.add_argument("--confounds-strategy", default=None)

@@ -86,6 +86,8 @@ class Config:
     subgroup: str = "nonzero"  # nonzero | top-<q>
     atom_tr: float = 1.5
     seed: int = 0
+    restarts: int = 16  # consensus of 16 restarts (1 = the old single SVD-started fit), docs/patterns.md
+    min_stability: float = 0.7  # atoms below it are kept but not linked to networks, docs/patterns.md
     # encoding (section 4)
     confounds_strategy: str = "narratives"  # narratives | simple | compcor | scrubbing (nilearn presets)
     scrub: bool = False
@@ -172,6 +174,8 @@ class Config:
         _check_subgroup(self.subgroup)
         number("atom_tr", 0)
         integer("seed", 0)
+        integer("restarts", 1)
+        number("min_stability", 0, 1, lo_open=False, hi_open=False)
         integer("context_tokens", 0)
         integer("window_tokens", 1)
         if self.context_tokens >= self.window_tokens:

@@ -912,7 +912,8 @@ class OutputFiles:
 
     # stimulus level: output_dir/stimuli/<story>/model-<model>/
     STORY_FILES = {"modelcard": "modelcard.json", "atoms": "atoms.tsv", "loadings": "loadings.npz",
-                   "loadings_table": "loadings.tsv", "subgroups": "subgroups.tsv", "neurons": "neurons.npy"}
+                   "loadings_table": "loadings.tsv", "subgroups": "subgroups.tsv", "stability": "stability.tsv",
+                   "neurons": "neurons.npy"}
 
     def story(self, story: str, model: str, kind: str) -> Path:
         """``kind`` one of :attr:`STORY_FILES` (``atoms``, ``modelcard``, ...)."""

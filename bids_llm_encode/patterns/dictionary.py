@@ -335,8 +335,17 @@ def _update_dict(D: torch.Tensor, B: torch.Tensor, E: torch.Tensor, X: torch.Ten
     return n_reinit
 
 
-def _init_dict(X: torch.Tensor, K: int, init: str, seed: int) -> torch.Tensor:
+def _init_dict(X: torch.Tensor, K: int, init, seed: int) -> torch.Tensor:
     T, N = X.shape
+    if not isinstance(init, str):
+        # given atoms (a warm start, e.g. the consensus of patterns/consensus.py)
+        D = _as_tensor(init, "init (atoms)", X.device, X.dtype).clone()
+        if tuple(D.shape) != (T, K):
+            raise DataError(f"init atoms have shape {tuple(D.shape)}, expected {(T, K)} (frames x atoms)")
+        norms = torch.linalg.vector_norm(D, dim=0)
+        if not bool((norms > 1e-12).all()):
+            raise DataError("init atoms include an all-zero column")
+        return D / norms
     if init == "svd":
         if T <= 4096:
             # the leading eigenvectors of X X^T (T x T), accumulated in batches, in float64
@@ -496,7 +505,9 @@ def learn_dictionary(X: ArrayLike, n_atoms: int = 64, alpha: Optional[float] = N
     frame_times : ndarray, shape (n_frames,), optional
         Times (s) of the frames; stored in the result (default ``arange(T)``).
     n_iter : int
-        Alternations (sparse coding + dictionary update) at most.
+        Alternations (sparse coding + dictionary update) at most. 0 keeps the
+        initial atoms: only the final coding pass runs (the lasso loadings of
+        all neurons on the given atoms).
     tol : float
         Stop when the objective decreases by less than ``tol`` (relative) in one alternation.
     seed : int
@@ -508,9 +519,10 @@ def learn_dictionary(X: ArrayLike, n_atoms: int = 64, alpha: Optional[float] = N
         ``torch.float32`` (default) or ``torch.float64``.
     batch_neurons : int
         Neurons sparse-coded at once (memory knob).
-    init : {"svd", "random"}
-        Initial atoms: the ``K`` leading left singular vectors of ``X``, or ``K``
-        randomly chosen neurons' responses.
+    init : {"svd", "random"} or array, shape (n_frames, K)
+        Initial atoms: the ``K`` leading left singular vectors of ``X``, ``K``
+        randomly chosen neurons' responses, or the given atoms (scaled to unit
+        norm; a warm start).
     lasso_tol, lasso_max_iter : float, int
         Relative duality-gap tolerance and iteration cap of the lasso solver
         during the alternations; the final coding pass (the returned loadings)
@@ -585,7 +597,7 @@ def learn_dictionary(X: ArrayLike, n_atoms: int = 64, alpha: Optional[float] = N
     obj, rss, _, _, lasso_stats = _encode_all(Xt, D, A, xsq, alpha, batch_neurons,
                                               4 * lasso_max_iter, lasso_tol / 10, want_stats=False)
     history.append(obj)
-    if not converged:
+    if not converged and n_iter > 0:
         log.warning("dictionary learning stopped after n_iter=%d alternations without reaching "
                     "tol=%g (last relative change %.2g)", n_iter, tol,
                     last_change)
@@ -596,7 +608,7 @@ def learn_dictionary(X: ArrayLike, n_atoms: int = 64, alpha: Optional[float] = N
     seconds = time.perf_counter() - t0
     info = {
         "sparsity": rel, "n_iter": it, "converged": converged, "tol": tol, "seed": seed,
-        "init": init, "device": str(dev), "dtype": str(dtype).replace("torch.", ""),
+        "init": init if isinstance(init, str) else "given", "device": str(dev), "dtype": str(dtype).replace("torch.", ""),
         "n_frames": T, "n_neurons": N, "density": loadings.nnz / float(K * N),
         "n_reinit": n_reinit_total, "seconds": seconds, "objective_history": history,
         **lasso_stats,

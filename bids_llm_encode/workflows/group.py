@@ -130,6 +130,11 @@ class GroupStory:
         atoms = atoms_df[names].to_numpy()
         card = read_json(self.files.story(story, model, "modelcard"), "model card")
         sub_df = read_tsv(self.files.story(story, model, "subgroups"), "sub-group table", quoted=True)
+        stab_path = self.files.story(story, model, "stability")
+        stable = None  # atoms below --min-stability are not linked at the group level either
+        if stab_path.exists():
+            stab = read_tsv(stab_path, "stability table", required=("atom", "linkable"), quoted=True)
+            stable = stab["linkable"].astype(str).str.lower().isin(["true", "1"]).to_numpy()
 
         ents = []
         for e in self.entities:  # a participant killed while writing its maps has only some of them
@@ -228,7 +233,8 @@ class GroupStory:
             atlas = load_atlas(spec, brain, cache=self.cache, space=cfg.space)
             desc = label(atlas.name)
             corr = correspondence(group_z, brain, atlas, threshold=cfg.map_threshold, map_rule=cfg.map_rule,
-                                  n_null=cfg.n_spatial_null, seed=cfg.seed, fdr_alpha=cfg.fdr_alpha)
+                                  n_null=cfg.n_spatial_null, seed=cfg.seed, fdr_alpha=cfg.fdr_alpha,
+                                  stable=stable)
             links = links_table(corr)
             tables = []
             for e in ents:

@@ -257,15 +257,21 @@ class Participant:
                  mask_img, ent: dict, sources, diversity_chance: dict | None = None):
         from ..networks.metrics import PER_NETWORK_COLUMNS, linkable_atoms, organization_metrics
         from ..networks.overlap import correspondence, links_table
+        from ..patterns.consensus import linkable_atoms as stable_atoms
 
         cfg, writer = self.config, self.writer
         corr = correspondence(enc.z, mask_img, atlas, threshold=cfg.map_threshold, map_rule=cfg.map_rule,
-                              n_null=cfg.n_spatial_null, seed=cfg.seed, fdr_alpha=cfg.fdr_alpha)
+                              n_null=cfg.n_spatial_null, seed=cfg.seed, fdr_alpha=cfg.fdr_alpha,
+                              stable=stable_atoms(dic, cfg.min_stability))
         atlas_meta = {"Atlas": atlas.name, "MapThreshold": cfg.map_threshold, "MapRule": cfg.map_rule,
-                      "SpatialNulls": cfg.n_spatial_null, "FDRAlpha": cfg.fdr_alpha}
+                      "SpatialNulls": cfg.n_spatial_null, "FDRAlpha": cfg.fdr_alpha,
+                      "MinStability": cfg.min_stability}
         writer.write_tsv(corr, self.files.table(ent, atlas.name, "overlap"),
                          {"Description": "Overlap of each atom's thresholded z map (activation: z > "
-                          "threshold; deactivation: z < -threshold) with each network.", **atlas_meta},
+                          "threshold; deactivation: z < -threshold) with each network.", **atlas_meta,
+                          "stable": {"Description": "the atom reproduces over the dictionary's restarts "
+                                     "(stability >= MinStability); only stable atoms are linked, and q is "
+                                     "the FDR over their tests (NaN for the others)"}},
                          sources)
         links = links_table(corr)
         writer.write_tsv(links, self.files.table(ent, atlas.name, "links"),
@@ -312,13 +318,14 @@ def write_stimulus_outputs(writer: DerivativesWriter, story: Story, acts: WordAc
     import json
 
     from ..cache import digest
+    from ..patterns.consensus import STABILITY_COLUMNS, stability_table
     from ..patterns.subgroups import loadings_table
 
     model, files = model_label(cfg), ParticipantFiles(writer, cfg.space)
     card_path = files.story(story.name, model, "modelcard")
     settings = digest(acts.card.get("cache_key"), dic.atoms.shape, dic.alpha, cfg.n_atoms, cfg.sparsity,
-                      cfg.seed, cfg.atom_tr, cfg.hrf, cfg.subgroup, cfg.an_centering,
-                      "diversity-chance" if diversity_chance is not None else None)
+                      cfg.seed, cfg.atom_tr, cfg.hrf, cfg.subgroup, cfg.an_centering, cfg.restarts,
+                      cfg.min_stability, "diversity-chance" if diversity_chance is not None else None)
     if card_path.exists():
         if json.loads(card_path.read_text()).get("settings_digest") == settings:
             return
@@ -343,6 +350,14 @@ def write_stimulus_outputs(writer: DerivativesWriter, story: Story, acts: WordAc
     writer.write_tsv(sub_df, files.story(story.name, model, "subgroups"),
                      {"Description": f"AN sub-group of each atom ({cfg.subgroup}): size, signs and "
                       "histogram over layers."}, src)
+    table = stability_table(dic, cfg.min_stability)
+    writer.write_tsv(table, files.story(story.name, model, "stability"),
+                     {"Description": f"Stability of each atom over the {cfg.restarts} restarts of the consensus "
+                      "dictionary (docs/patterns.md, 'Stable atoms'); atoms that are not linkable stay in "
+                      "every output but are not linked to networks.",
+                      **{k: {"Description": v} for k, v in STABILITY_COLUMNS.items()},
+                      "Restarts": cfg.restarts, "MinStability": cfg.min_stability,
+                      "NLinkable": int(table["linkable"].sum())}, src)
     X = stimulus.neuron_series(story, acts, dic.frame_times, cfg)
     writer.write_npy(X.astype(np.float16), files.story(story.name, model, "neurons"),
                      {"Description": "Neuron frame series X (frames x neurons, z-scored, float16) on "
@@ -350,9 +365,18 @@ def write_stimulus_outputs(writer: DerivativesWriter, story: Story, acts: WordAc
                       "neuron index.", "FrameTimes": dic.frame_times.tolist()}, src)
     writer.write_json(dict(acts.card, dictionary_r2=dic.r2, n_atoms=dic.n_atoms, alpha=dic.alpha,
                            sparsity=cfg.sparsity, atom_tr=cfg.atom_tr, hrf=cfg.hrf, an_centering=cfg.an_centering,
-                           subgroup=cfg.subgroup, dictionary=dic.info, diversity_chance=diversity_chance,
+                           subgroup=cfg.subgroup, restarts=cfg.restarts, min_stability=cfg.min_stability,
+                           dictionary=_card_info(dic.info), diversity_chance=diversity_chance,
                            settings_digest=settings),
                       card_path, src)
+
+
+def _card_info(info: dict) -> dict:
+    """The dictionary's info for modelcard.json: the per-restart x per-atom tables are left to stability.tsv."""
+    c = info.get("consensus")
+    if not c:
+        return info
+    return dict(info, consensus={k: v for k, v in c.items() if k not in ("restart_r", "restart_jaccard")})
 
 
 def _common_mask(runs: list[RunInputs]) -> nib.Nifti1Image:

@@ -149,9 +149,11 @@ def story_dictionary(story: Story, config: Config, cache: Cache) -> tuple[WordAc
     dictionary learned on a GPU differs from the CPU's in the last bits, so a
     CPU run never reads atoms a GPU run left in a shared cache (or the reverse).
     The thread count is not in the key: the CPU result is the same for any
-    ``--nprocs`` (tests/test_determinism.py).
+    ``--nprocs`` (tests/test_determinism.py). The dictionary is the consensus of
+    ``config.restarts`` fits (``patterns.consensus.learn_consensus_dictionary``;
+    1 = the single SVD-started fit).
     """
-    from ..patterns.dictionary import learn_dictionary
+    from ..patterns.consensus import learn_consensus_dictionary
 
     acts = story_activations(story, config, cache)
     grid = reference_frame_times(story, config.atom_tr)
@@ -161,15 +163,17 @@ def story_dictionary(story: Story, config: Config, cache: Cache) -> tuple[WordAc
     def create(folder):
         import torch
 
-        from ..patterns.dictionary import check_memory
+        from ..patterns.consensus import check_memory
 
         need = check_memory(len(grid), acts.values.shape[1], config.n_atoms, config.mem_mb,
-                            f"story {story.name}")  # --mem-mb too small: exit 64 before learning
-        log.info("story %s: learning %d atoms from %d neurons x %d frames (about %d MB)", story.name,
-                 config.n_atoms, acts.values.shape[1], len(grid), need // 2**20)
+                            f"story {story.name}", restarts=config.restarts)  # exit 64 before learning
+        log.info("story %s: learning %d atoms from %d neurons x %d frames, %d restart%s (about %d MB)",
+                 story.name, config.n_atoms, acts.values.shape[1], len(grid), config.restarts,
+                 "s" if config.restarts != 1 else "", need // 2**20)
         X = neuron_series(story, acts, grid, config)
-        d = learn_dictionary(X, n_atoms=config.n_atoms, sparsity=config.sparsity, seed=config.seed,
-                             device=device, dtype=getattr(torch, DICTIONARY_DTYPE), frame_times=grid)
+        d = learn_consensus_dictionary(X, n_atoms=config.n_atoms, sparsity=config.sparsity,
+                                       restarts=config.restarts, seed=config.seed, device=device,
+                                       dtype=getattr(torch, DICTIONARY_DTYPE), frame_times=grid)
         np.save(folder / "atoms.npy", d.atoms)
         np.save(folder / "frame_times.npy", d.frame_times)
         sp.save_npz(folder / "loadings.npz", d.loadings.tocsr())
@@ -188,9 +192,12 @@ def story_dictionary(story: Story, config: Config, cache: Cache) -> tuple[WordAc
 
 
 def _dictionary_key(story: Story, acts: WordActivations, grid: np.ndarray, config: Config) -> str:
+    from ..patterns.consensus import consensus_settings
+
     return digest("dictionary", acts.card.get("identity"), acts.card.get("cache_key"), story.words,
                   story.starts.tolist(), grid.tolist(), config.hrf, config.n_atoms, config.sparsity,
-                  config.seed, config.an_centering, torch_device(config.device), DICTIONARY_DTYPE)
+                  config.seed, config.an_centering, torch_device(config.device), DICTIONARY_DTYPE,
+                  *([] if config.restarts == 1 else [consensus_settings(config.restarts)]))
 
 
 #: Neurons (at most) the diversity's chance dictionary is learned from, for cost.
