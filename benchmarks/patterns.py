@@ -2,8 +2,8 @@
 
 Usage::
 
-    python benchmarks/patterns.py            # full: minilm story + 131,072 x 1,000 synthetic
-    python benchmarks/patterns.py --quick    # < 1 min: minilm story + 16,384 x 400 synthetic
+    python benchmarks/patterns.py            # full: minilm story + 131,072 x 1,000 synthetic + stability
+    python benchmarks/patterns.py --quick    # < 1 min: minilm story + 16,384 x 400 synthetic, 4 restarts
     python benchmarks/patterns.py --calibrate [--smollm2]   # R^2 against sparsity (docs/patterns.md)
 
 (a) real responses: all-MiniLM-L6-v2 (BERT, 6 layers x 384 = 2,304 ANs at
@@ -18,7 +18,19 @@ float32 data, a batch of 1,024 samples (faster per
 epoch than its default 256 here), its default LARS coding and the same number of epochs as our
 alternations; its objective is evaluated at its dictionary with exact lasso
 codes (our ``sparse_encode``, not counted in its time), which favours it.
-The last line is ``speedup=<x> objective_ratio=<ours/sklearn>`` for (b).
+
+(c) stability (patterns/consensus.py), on the demo story (``bids_llm_encode/demo/story.txt``
+timed by the demo's ``align_story``, grid of the pipeline: TR 1.5 s to the last word + 20 s),
+smollm2-135m and minilm-l6: for R = 1 the median best-match |r| (Hungarian) between
+two single fits from random starts with other seeds; for the chosen R the same between
+two consensus dictionaries of disjoint seed sets (``--seed`` 0 and 1); the median
+Jaccard of matched sub-groups; the atoms' largest |r| with the word rate
+(``frame_series(starts, ones)``, uncentred); the cost. (b) is also timed with the restarts.
+
+The last line is ``speedup=<x> objective_ratio=<ours/sklearn>`` for (b), then
+``stability=`` (chosen R, smollm2-135m; minilm-l6 with --quick) ``stability_r1=``
+(R = 1, same model) ``restarts=`` ``restart_seconds=`` (the restarts of (b)'s
+consensus) ``consensus_seconds=`` ((b)'s whole consensus).
 """
 
 from __future__ import annotations
@@ -46,6 +58,7 @@ from bids_llm_encode.patterns.dictionary import (alpha_from_sparsity, learn_dict
 
 TR = 1.5
 WORD_SECONDS = 0.4
+PARTS = ("a", "b", "t", "c")
 
 TEXT = """
 The lighthouse keeper on the northern island had not spoken to another person for eleven days
@@ -210,6 +223,105 @@ def _obj_torch(X, D, A, alpha) -> float:
     return float(0.5 * ((Xt - Dt @ At) ** 2).sum() + alpha * At.abs().sum())
 
 
+def demo_story() -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Words, onsets (s) and the reference grid of the demo story, as the pipeline builds them."""
+    from bids_llm_encode.demo.generate import align_story, story_text
+
+    al = align_story(story_text(), seed=0)
+    end = float(np.nanmax(al.true_ends)) + 20.0  # workflows.stimulus.reference_frame_times
+    return list(al.words), np.asarray(al.true_starts), (np.arange(int(np.ceil(end / TR))) + 0.5) * TR
+
+
+def demo_responses(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(X frames x ANs, HRF-convolved word rate) of the demo story, through the project's code."""
+    from bids_llm_encode.lm.models import load_model
+    from bids_llm_encode.lm.neurons import word_activations
+    from bids_llm_encode.signal.frames import frame_series
+
+    words, onsets, grid = demo_story()
+    acts = word_activations(load_model(name, device="cpu"), words, progress=False)
+    return frame_series(onsets, acts.values, grid), frame_series(onsets, np.ones((len(words), 1)), grid)[:, 0]
+
+
+def _matched(a, b) -> tuple[np.ndarray, np.ndarray]:
+    """Best-match |r| (Hungarian) of b's atoms to a's, and the Jaccard of the matched sub-groups."""
+    from bids_llm_encode.patterns.consensus import match_atoms
+
+    index, _, r = match_atoms(a.atoms, b.atoms)
+    Sa = a.loadings.toarray() != 0
+    Sb = b.loadings.toarray()[index] != 0
+    union = (Sa | Sb).sum(1)
+    jac = np.where(union > 0, (Sa & Sb).sum(1) / np.maximum(union, 1), np.nan)
+    return r, jac
+
+
+def _wordrate_r(d, rate: np.ndarray) -> float:
+    """Largest |r| of an atom with the (uncentred) word rate."""
+    w = rate - rate.mean()
+    D = d.atoms - d.atoms.mean(0)
+    return float(np.max(np.abs(D.T @ w) / (np.linalg.norm(D, axis=0) * np.linalg.norm(w))))
+
+
+def stability(name: str, restarts: int, sparsity: float) -> dict:
+    """R = 1 (two random-start single fits) against the consensus of ``restarts`` (two seed sets)."""
+    from bids_llm_encode.patterns.consensus import DEFAULT_MIN_STABILITY, learn_consensus_dictionary
+
+    t = time.perf_counter()
+    X, rate = demo_responses(name)
+    print(f"(c) {name} on the demo story: {X.shape[0]} frames x {X.shape[1]} ANs "
+          f"({time.perf_counter() - t:.1f} s)", flush=True)
+    alpha = alpha_from_sparsity(X, sparsity)
+    singles, secs = [], []
+    for seed in (0, 1):
+        t = time.perf_counter()
+        singles.append(learn_dictionary(X, 64, alpha, init="random", seed=seed, progress=False))
+        secs.append(time.perf_counter() - t)
+    svd = learn_dictionary(X, 64, alpha, progress=False)
+    r1, j1 = _matched(*singles)
+    cons = [learn_consensus_dictionary(X, 64, alpha, restarts=restarts, seed=seed, progress=False)
+            for seed in (0, 1)]
+    rR, jR = _matched(*cons)
+    c = cons[0].info["consensus"]
+    st = np.asarray(c["stability"], dtype=float)
+    out = {"model": name, "stability_r1": float(np.median(r1)), "jaccard_r1": float(np.nanmedian(j1)),
+           "stability": float(np.median(rR)), "jaccard": float(np.nanmedian(jR)),
+           "atoms_09": float(np.mean(rR >= 0.9)), "atoms_09_r1": float(np.mean(r1 >= 0.9)),
+           "single_seconds": float(np.mean(secs)), "restart_seconds": float(np.sum(c["restart_seconds"])),
+           "consensus_seconds": float(np.mean([d.info["seconds"] for d in cons])),
+           "atom_stability": float(np.median(st)), "linkable": int((st >= DEFAULT_MIN_STABILITY).sum()),
+           "objective_r1": singles[0].objective, "objective": cons[0].objective, "objective_svd": svd.objective,
+           "r2": cons[0].r2, "r2_svd": svd.r2,
+           "wordrate_r_svd": _wordrate_r(svd, rate), "wordrate_r": _wordrate_r(cons[0], rate)}
+    print(f"{'':4s} {'R':>3s} {'median |r|':>10s} {'>= 0.9':>7s} {'Jaccard':>8s} {'s per dictionary':>16s} "
+          f"{'objective':>11s} {'R^2':>6s} {'max |r| word rate':>17s}")
+    print(f"{'':4s} {1:3d} {out['stability_r1']:10.3f} {out['atoms_09_r1']:7.2f} {out['jaccard_r1']:8.3f} "
+          f"{out['single_seconds']:16.1f} {out['objective_r1']:11.6g} {singles[0].r2:6.3f} "
+          f"{_wordrate_r(singles[0], rate):17.3f}")
+    print(f"{'':4s} {restarts:3d} {out['stability']:10.3f} {out['atoms_09']:7.2f} {out['jaccard']:8.3f} "
+          f"{out['consensus_seconds']:16.1f} {out['objective']:11.6g} {out['r2']:6.3f} {out['wordrate_r']:17.3f}"
+          f"  (restarts {out['restart_seconds']:.1f} s; per-atom stability median {out['atom_stability']:.3f}, "
+          f"{out['linkable']} of 64 >= {DEFAULT_MIN_STABILITY}; SVD fit: objective {svd.objective:.6g}, "
+          f"max |r| word rate {out['wordrate_r_svd']:.3f})", flush=True)
+    return out
+
+
+def time_consensus(X: np.ndarray, restarts: int, sparsity: float, label: str) -> dict:
+    """The dictionary stage with restarts on X: seconds in all and of the restarts."""
+    from bids_llm_encode.patterns.consensus import learn_consensus_dictionary
+
+    t = time.perf_counter()
+    d = learn_consensus_dictionary(X, 64, sparsity=sparsity, restarts=restarts, progress=True)
+    seconds = time.perf_counter() - t
+    c = d.info["consensus"]
+    st = np.asarray(c["stability"], dtype=float)
+    print(f"{label:10s} {f'ours, {restarts} restarts':28s} {seconds:9.1f} {d.objective:14.6g} {d.r2:7.4f} "
+          f"{peak_mb():9.0f}  (restarts {np.sum(c['restart_seconds']):.1f} s, "
+          f"{np.mean(c['restart_n_iter']):.1f} alternations each; reference {c['reference_seconds']:.1f} s, "
+          f"refit {c['refine_seconds']:.1f} s / {c['refine_n_iter']} alternations; "
+          f"stability median {np.median(st):.3f})", flush=True)
+    return {"restart_seconds": float(np.sum(c["restart_seconds"])), "consensus_seconds": seconds}
+
+
 def calibrate(use_smollm2: bool) -> None:
     """R^2 and density of the dictionary against the relative sparsity (K=64)."""
     for name in ["minilm-l6"] + (["smollm2-135m"] if use_smollm2 else []):
@@ -229,6 +341,12 @@ def main(argv=None) -> None:
     ap.add_argument("--calibrate", action="store_true", help="R^2 against sparsity on real models")
     ap.add_argument("--smollm2", action="store_true", help="with --calibrate: also SmolLM2-135M")
     ap.add_argument("--sparsity", type=float, default=None)
+    ap.add_argument("--parts", default=",".join(PARTS),
+                    help="a: (a) vs sklearn, b: (b) vs sklearn, t: (b) with restarts, c: stability (c)")
+    ap.add_argument("--models", default=None, help="with c: comma-separated models "
+                    "(default minilm-l6,smollm2-135m; minilm-l6 with --quick)")
+    ap.add_argument("--restarts", type=int, default=None,
+                    help="restarts of the consensus (default: the app's; 4 with --quick)")
     args = ap.parse_args(argv)
     import warnings
 
@@ -239,25 +357,47 @@ def main(argv=None) -> None:
     if args.calibrate:
         calibrate(args.smollm2)
         return
+    from bids_llm_encode.patterns.consensus import DEFAULT_RESTARTS
     from bids_llm_encode.patterns.dictionary import DEFAULT_SPARSITY
 
     sparsity = DEFAULT_SPARSITY if args.sparsity is None else args.sparsity
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, sparsity {sparsity}, K=64")
+    restarts = args.restarts or (4 if args.quick else DEFAULT_RESTARTS)
+    parts = set(args.parts.split(","))
+    if not parts <= set(PARTS):
+        ap.error(f"--parts: choose among {','.join(PARTS)}")
+    nan = float("nan")
+    speedup = ratio = nan
+    timing = {"restart_seconds": nan, "consensus_seconds": nan}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, sparsity {sparsity}, K=64, "
+          f"{restarts} restarts")
     print(f"{'case':10s} {'method':28s} {'seconds':>9s} {'objective':>14s} {'R^2':>7s} {'peak MB':>9s}")
-    t = time.perf_counter()
-    X, _ = model_responses("minilm-l6")
-    print(f"(a) minilm-l6 responses: {X.shape[0]} frames x {X.shape[1]} ANs, {time.perf_counter() - t:.1f} s")
-    compare(X, 64, sparsity, 5 if args.quick else 20, "(a)")
-    if args.quick:
-        n_neurons, n_frames, frac, ep = 16384, 400, 0.25, 5
-    else:
-        n_neurons, n_frames, frac, ep = 131072, 1000, 1 / 16, 5
-    t = time.perf_counter()
-    Xb = synthetic(n_neurons, n_frames)
-    print(f"(b) synthetic: {n_frames} frames x {n_neurons} ANs, built in {time.perf_counter() - t:.1f} s")
-    speedup, ratio = compare(Xb, 64, sparsity, ep, "(b)", sk_fraction=frac)
-    print(f"speedup={speedup:.2f} objective_ratio={ratio:.4f}")
-
+    if "a" in parts:
+        t = time.perf_counter()
+        X, _ = model_responses("minilm-l6")
+        print(f"(a) minilm-l6 responses: {X.shape[0]} frames x {X.shape[1]} ANs, {time.perf_counter() - t:.1f} s")
+        compare(X, 64, sparsity, 5 if args.quick else 20, "(a)")
+    if parts & {"b", "t"}:
+        if args.quick:
+            n_neurons, n_frames, frac, ep = 16384, 400, 0.25, 5
+        else:
+            n_neurons, n_frames, frac, ep = 131072, 1000, 1 / 16, 5
+        t = time.perf_counter()
+        Xb = synthetic(n_neurons, n_frames)
+        print(f"(b) synthetic: {n_frames} frames x {n_neurons} ANs, built in {time.perf_counter() - t:.1f} s")
+        if "b" in parts:
+            speedup, ratio = compare(Xb, 64, sparsity, ep, "(b)", sk_fraction=frac)
+        if "t" in parts:  # --quick: on a quarter of the neurons, to stay within a minute
+            timing = time_consensus(Xb[:, :4096] if args.quick else Xb, restarts, sparsity, "(b)")
+        del Xb
+    s = {"stability": nan, "stability_r1": nan}
+    if "c" in parts:
+        models = [m for m in args.models.split(",") if m] if args.models else (
+            ["minilm-l6"] if args.quick else ["minilm-l6", "smollm2-135m"])
+        stab = {name: stability(name, restarts, sparsity) for name in models}
+        s = stab.get("smollm2-135m", stab[models[0]])
+    print(f"speedup={speedup:.2f} objective_ratio={ratio:.4f} stability={s['stability']:.3f} "
+          f"stability_r1={s['stability_r1']:.3f} restarts={restarts} "
+          f"restart_seconds={timing['restart_seconds']:.1f} consensus_seconds={timing['consensus_seconds']:.1f}")
 
 if __name__ == "__main__":
     main()

@@ -86,8 +86,8 @@ class Config:
     subgroup: str = "nonzero"  # nonzero | top-<q>
     atom_tr: float = 1.5
     seed: int = 0
-    restarts: int = 16  # consensus of 16 restarts (1 = the old single SVD-started fit), docs/patterns.md
-    min_stability: float = 0.7  # atoms below it are kept but not linked to networks, docs/patterns.md
+    restarts: int = 24  # consensus of 24 restarts (1 = the old single SVD-started fit), docs/patterns.md
+    min_stability: float = 0.6  # atoms below it are kept but not linked to networks, docs/patterns.md
     # encoding (section 4)
     confounds_strategy: str = "narratives"  # narratives | simple | compcor | scrubbing (nilearn presets)
     scrub: bool = False

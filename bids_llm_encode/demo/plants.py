@@ -321,6 +321,16 @@ class ModelAtomsPlant:
                     f"{usable.size} atoms with a non-empty neuron sub-group (R^2 {dictionary.r2:.3f}, "
                     f"sparsity {cfg.sparsity}); {len(self._names)} are needed. Lower the sparsity "
                     "(--sparsity) or use --plant word-features.")
+            # atoms the network stage may link (stability >= --min-stability), when there are enough
+            from ..patterns.consensus import linkable_atoms
+
+            stable = usable[linkable_atoms(dictionary, cfg.min_stability)[usable]]
+            if stable.size >= len(self._names):
+                usable = stable
+            else:
+                log.warning("model-atoms plant: only %d usable atoms reach stability %.2f, %d are "
+                            "needed; planting less stable atoms too", stable.size, cfg.min_stability,
+                            len(self._names))
             picks = choose_distinct_atoms(ref[:, usable], len(self._names))
             index = dict(zip(self._names, (int(usable[i]) for i in picks)))
         elif not set(index.values()) <= set(usable.tolist()):
@@ -355,12 +365,18 @@ class ModelAtomsPlant:
             out["model"] = cfg.model
             out["settings"] = {k: getattr(cfg, k) for k in
                                ("model", "neurons", "layers", "word_pooling", "hrf", "context_tokens",
-                                "window_tokens", "n_atoms", "sparsity", "atom_tr", "seed", "dtype")}
+                                "window_tokens", "n_atoms", "sparsity", "atom_tr", "seed", "restarts",
+                                "min_stability", "dtype")}
             out["model_card"] = {k: v for k, v in self._state["activations"].card.items()
                                  if isinstance(v, (str, int, float, bool, type(None), list))}
             out["dictionary"] = {"r2": float(d.r2), "alpha": float(d.alpha), "n_atoms": int(d.n_atoms)}
+            from ..patterns.consensus import atom_stability
+
+            stab = atom_stability(d)
             out["signals"] = {n: {"atom_index": self._state["index"][n],
-                                  "subgroup_size": self._state["subgroup_sizes"][n]} for n in self._names}
+                                  "subgroup_size": self._state["subgroup_sizes"][n],
+                                  "stability": None if stab is None else float(stab[self._state["index"][n]])}
+                              for n in self._names}
             out["atom_correlation"] = {"signals": self._names,
                                        "r": np.round(self._state["r"], 4).tolist()}
         return out

@@ -77,8 +77,13 @@ def _check_device(device: Union[str, torch.device]) -> torch.device:
     return dev
 
 
-def _as_tensor(X: ArrayLike, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Check that ``X`` is a finite 2-D array and return it as a tensor on device/dtype."""
+def _as_tensor(X: ArrayLike, name: str, device: torch.device, dtype: torch.dtype,
+               check_finite: bool = True) -> torch.Tensor:
+    """Check that ``X`` is a finite 2-D array and return it as a tensor on device/dtype.
+
+    ``check_finite=False`` leaves the finiteness to the caller (:func:`learn_dictionary`
+    reads it from the column sums of squares, without a pass over ``X``).
+    """
     if sp.issparse(X):
         raise DataError(f"{name} must be a dense array, got a sparse matrix")
     t = X if isinstance(X, torch.Tensor) else torch.from_numpy(np.asarray(X))
@@ -89,21 +94,17 @@ def _as_tensor(X: ArrayLike, name: str, device: torch.device, dtype: torch.dtype
     if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
         raise DataError(f"{name} must hold real numbers, got dtype {t.dtype}")
     t = t.to(device=device, dtype=dtype)
-    if not _all_columns(t, lambda b: torch.isfinite(b).all()):
-        bad = sum(int((~torch.isfinite(t[:, s:s + 2048])).sum()) for s in range(0, t.shape[1], 2048))
-        raise DataError(f"{name} holds {bad} non-finite values (NaN or inf); "
-                        "z-score the responses and drop constant or missing neurons first")
+    if check_finite and not bool(torch.isfinite(t).all()):
+        _not_finite(t, name)
     return t
 
 
-def _all_columns(t: torch.Tensor, test, batch: int = 2048) -> bool:
-    """``test`` holds on every block of ``batch`` columns of a 2-D ``t``.
-
-    Memory: ``torch.isfinite`` or ``abs`` of the whole matrix make copies of it
-    (``isfinite`` an ``abs`` copy and two masks: 6.7 bytes per entry, measured
-    1.5 GB at 13,356 x 17,280), beyond the estimate; by blocks they stay small.
-    """
-    return all(bool(test(t[:, s:s + batch])) for s in range(0, t.shape[1], batch))
+def _not_finite(t: torch.Tensor, name: str, columns: Optional[torch.Tensor] = None):
+    """Raise the DataError of non-finite input (``columns``: where to count them, all by default)."""
+    part = t if columns is None else t[:, columns]
+    bad = int((~torch.isfinite(part)).sum())
+    raise DataError(f"{name} holds {bad} non-finite values (NaN or inf); "
+                    "z-score the responses and drop constant or missing neurons first")
 
 
 def _dsum(t: torch.Tensor) -> float:
@@ -252,19 +253,21 @@ def _column_stats(X: torch.Tensor, batch: int) -> tuple[torch.Tensor, float]:
 
     In column batches of at most 2,048 neurons, with one float64 temporary
     besides the batch (``8 T min(batch, 4096)`` bytes, the estimate's term): a
-    float64 copy of the whole ``X`` is never made. (With the solver's batch of
-    16,384 and four temporaries this held 32 T b bytes, 5 GB at 13,347 frames,
-    beyond the estimate: benchmarks/memory.py.) The same bits as one batch.
+    float64 copy of the whole ``X`` is never made (with the solver's batch of
+    16,384 this held 5 GB at 13,347 frames, beyond the estimate:
+    benchmarks/memory.py). The centred sum is ``||x_j||^2 - T mean_j^2``
+    (float64: 5e-16 from the two-pass value on z-scored columns, in half the
+    time). A non-finite value of ``X`` makes its column's ``||x_j||^2`` non-finite.
     """
-    N = X.shape[1]
+    T, N = X.shape
     b = max(1, min(int(batch), 2048))
     xsq = torch.empty(N, dtype=torch.float64, device=X.device)
     css = torch.empty(N, dtype=torch.float64, device=X.device)
     for s in range(0, N, b):
         Xb = X[:, s:s + b].double()
         xsq[s:s + b] = (Xb * Xb).sum(0)
-        Xb -= Xb.mean(0)
-        css[s:s + b] = (Xb * Xb).sum(0)
+        m = Xb.mean(0)
+        css[s:s + b] = torch.clamp(xsq[s:s + b] - T * m * m, min=0.0)
     return xsq, _dsum(css)
 
 
@@ -542,7 +545,7 @@ def learn_dictionary(X: ArrayLike, n_atoms: int = 64, alpha: Optional[float] = N
     dev = _check_device(device)
     if dtype not in (torch.float32, torch.float64):
         raise UsageError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    Xt = _as_tensor(X, "X (neuron responses)", dev, dtype)
+    Xt = _as_tensor(X, "X (neuron responses)", dev, dtype, check_finite=False)  # checked on xsq below
     T, N = Xt.shape
     K = int(n_atoms)
     if K < 1 or K > min(T, N):
@@ -553,20 +556,25 @@ def learn_dictionary(X: ArrayLike, n_atoms: int = 64, alpha: Optional[float] = N
     frame_times = np.asarray(frame_times, dtype=float)
     if frame_times.shape != (T,):
         raise DataError(f"frame_times has shape {frame_times.shape} but X has {T} frames")
+    # one pass over X: ||x_j||^2 give alpha_from_sparsity's scale (the same bits) and the zero columns
+    xsq, tss = _column_stats(Xt, batch_neurons)
+    finite = torch.isfinite(xsq)
+    if not bool(finite.all()):
+        _not_finite(Xt, "X (neuron responses)", torch.nonzero(~finite).ravel())
+    scale = math.sqrt(_dsum(xsq) / N)  # = alpha_from_sparsity(Xt, 1.0)
     if alpha is None:
-        alpha = alpha_from_sparsity(Xt, sparsity)
+        if not np.isfinite(sparsity) or sparsity < 0:
+            raise UsageError(f"sparsity must be a finite number >= 0, got {sparsity}")
+        alpha = float(sparsity) * scale
         rel = float(sparsity)
     else:
         if alpha < 0 or not np.isfinite(alpha):
             raise UsageError(f"alpha must be a finite number >= 0, got {alpha}")
-        ref = alpha_from_sparsity(Xt, 1.0)
-        rel = float(alpha) / ref if ref > 0 else float("nan")
+        rel = float(alpha) / scale if scale > 0 else float("nan")
     alpha = float(alpha)
-    if not _all_columns(Xt, lambda b: (b.abs().amax(0) > 0).all()):
+    if not bool((xsq > 0).all()):
         log.warning("%d of %d neurons have an all-zero response; they get zero loadings",
-                    sum(int((Xt[:, s:s + 2048].abs().amax(0) == 0).sum()) for s in range(0, N, 2048)), N)
-
-    xsq, tss = _column_stats(Xt, batch_neurons)
+                    int((xsq == 0).sum()), N)
     D = _init_dict(Xt, K, init, seed)
     A = torch.zeros((K, N), dtype=dtype, device=dev)
     history: list[float] = []
