@@ -117,7 +117,9 @@ def test_dictionary_cache_key_holds_the_device_and_dtype(tmp_path, monkeypatch):
         return Dictionary(atoms=np.zeros((len(frame_times), n_atoms)), loadings=sp.csr_matrix((n_atoms, 30)),
                           frame_times=frame_times, r2=0.5, objective=1.0, alpha=0.1, info={"device": device})
 
-    monkeypatch.setattr(dl, "learn_dictionary", fake_learn)
+    from bids_llm_encode.patterns import consensus
+
+    monkeypatch.setattr(consensus, "learn_consensus_dictionary", fake_learn)
     assert stimulus.DICTIONARY_DTYPE == "float32"
     cache = Cache(tmp_path / "cache")
     cfg = Config(bids_dir=tmp_path, output_dir=tmp_path / "o", analysis_level="participant", n_atoms=4,
@@ -222,12 +224,14 @@ def test_long_story_frame_series_equals_the_dense_product(monkeypatch):
 
 
 def test_dictionary_checks_do_not_copy_the_whole_matrix():
-    """The finite and all-zero checks go by column blocks (a whole-matrix isfinite held 6.7 bytes/entry)."""
+    """The finite and all-zero checks are read from the column statistics, computed by column blocks
+    (a whole-matrix isfinite held 6.7 bytes/entry): a NaN is still found and named."""
     X = torch.zeros((5, 5000))
     X[:, :4999] = 1.0
-    assert dl._all_columns(X, lambda b: torch.isfinite(b).all())
-    assert not dl._all_columns(X, lambda b: (b.abs().amax(0) > 0).all())
+    xsq, _ = dl._column_stats(X, 16384)
+    assert bool(torch.isfinite(xsq).all()) and int((xsq == 0).sum()) == 1
     X[2, 4500] = float("nan")
+    assert not bool(torch.isfinite(dl._column_stats(X, 16384)[0]).all())
     from bids_llm_encode.errors import DataError
 
     with pytest.raises(DataError, match="holds 1 non-finite"):
