@@ -118,6 +118,13 @@ def test_stimulus_outputs_are_consistent(demo):
     atoms = pd.read_csv(model / "atoms.tsv", sep="\t")
     assert atoms.shape[1] == 65 and np.allclose(np.linalg.norm(atoms.iloc[:, 1:], axis=0), 1, atol=1e-3)
     assert np.load(model / "neurons.npy").shape == (len(atoms), card["n_neurons"])
+    stab = pd.read_csv(model / "stability.tsv", sep="\t")
+    assert len(stab) == 64 and (stab["n_restarts"] == card["restarts"]).all()
+    assert (stab["linkable"] == (stab["stability"] >= card["min_stability"])).all()
+    assert card["dictionary"]["consensus"]["restarts"] == card["restarts"] > 1
+    # the planted atoms are ones the network stage may link
+    planted = [s["atom_index"] for s in demo["truth"]["plant"]["signals"].values()]
+    assert stab.set_index("atom").loc[planted, "linkable"].all()
 
 
 def test_every_output_has_a_sidecar_with_sources(demo):
