@@ -331,7 +331,14 @@ class ModelAtomsPlant:
                 log.warning("model-atoms plant: only %d usable atoms reach stability %.2f, %d are "
                             "needed; planting less stable atoms too", stable.size, cfg.min_stability,
                             len(self._names))
-            picks = choose_distinct_atoms(ref[:, usable], len(self._names))
+            # ... and after the drift regressors the participant stage removes (the demo's cosines,
+            # high-pass 128 s): the consensus's stable atoms are slower than the rest, and a planted
+            # signal the cleaning removes is one no single-run participant can detect
+            from .generate import cosine_basis
+
+            C = np.column_stack([np.ones(len(ref)), cosine_basis(len(ref), cfg.atom_tr)])
+            seen = ref - C @ np.linalg.lstsq(C, ref, rcond=None)[0]
+            picks = choose_distinct_atoms(seen[:, usable], len(self._names))
             index = dict(zip(self._names, (int(usable[i]) for i in picks)))
         elif not set(index.values()) <= set(usable.tolist()):
             raise UsageError(f"model-atoms plant: atoms {sorted(set(index.values()) - set(usable.tolist()))} "

@@ -388,13 +388,17 @@ def learn_consensus_dictionary(X, n_atoms: int = 64, alpha: Optional[float] = No
     -------
     records.Dictionary
         The final atoms, loadings, ``r2``, ``objective``, ``alpha``; ``info`` as
-        ``learn_dictionary``'s plus, for ``restarts > 1``, ``info["consensus"]``:
-        ``restarts``, ``split``, ``refine_iter``, ``seeds``, per restart
+        ``learn_dictionary``'s (of the final fit) plus, for ``restarts > 1``,
+        ``info["consensus"]``: the settings (``restarts``, ``split``, ``refine_iter``,
+        ``restart_tol``, ``restart_lasso_tol``, ``seeds``); the reference fit's
+        ``reference_objective``, ``reference_r2``, ``reference_seconds``; the
+        refit's ``refine_seconds``, ``refine_n_iter``; per restart
         ``restart_seconds``, ``restart_objective``, ``restart_r2``, ``restart_n_iter``;
-        per atom ``stability``, ``jaccard``, ``consensus_r`` (|r| of the final atom
-        with its consensus mean), ``sign`` (the flip applied); and
-        ``restart_r`` / ``restart_jaccard`` (R x K lists). ``info["seconds"]`` is
-        the whole consensus's time.
+        per atom ``stability``, ``reproducibility``, ``jaccard``, ``consensus_r``
+        (|r| of the final atom with its consensus mean), ``sign`` (the flip
+        applied); and ``restart_r`` / ``restart_jaccard`` (R x K lists: each
+        restart's best |r| and Jaccard). NaN is stored as None (JSON).
+        ``info["seconds"]`` is the whole consensus's time.
     """
     t0 = time.perf_counter()
     R = int(restarts)
