@@ -121,7 +121,6 @@ def test_stimulus_outputs_are_consistent(demo):
     chance = card["diversity_chance"]  # atoms of circularly shifted neurons: the shared structure gone
     assert chance["n_neurons"] == 4096 and chance["n_neurons_total"] == card["n_neurons"]
     assert 0 < chance["diversity_1_minus_abs_r"] <= 1
-
     stab = pd.read_csv(model / "stability.tsv", sep="\t")
     assert len(stab) == 64 and (stab["n_restarts"] == card["restarts"]).all()
     assert (stab["linkable"] == (stab["stability"] >= card["min_stability"])).all()
@@ -129,6 +128,7 @@ def test_stimulus_outputs_are_consistent(demo):
     # the planted atoms are ones the network stage may link
     planted = [s["atom_index"] for s in demo["truth"]["plant"]["signals"].values()]
     assert stab.set_index("atom").loc[planted, "linkable"].all()
+
 
 def test_metrics_carry_counts_and_chance_levels(demo):
     """Issue 9: every consistency beside its count and chance level, diversity beside its own."""
