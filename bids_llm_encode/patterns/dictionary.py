@@ -396,15 +396,19 @@ def dictionary_memory_bytes(n_frames: int, n_neurons: int, n_atoms: int, batch_n
     ``MEMORY_FACTOR * T * N`` (X, and its producer's copy) ``+ 24 K N`` (A in
     float32, its float64 copy for the result, and the CSR loadings, at most
     dense) ``+ 48 K b`` (the solver's batch of b neurons: C, Y, A_new, G Y and
-    temporaries) ``+ 8 T min(b, 4096)`` (column statistics in float64)
+    temporaries) ``+ max(8 T min(b, 4096), svd)`` (column statistics in float64,
+    or the SVD start: for T <= 4,096, ``svd = 8 T min(16384, N) + 16 T^2``, a
+    float64 batch of 16,384 neurons, X X^T and its product; measured at 1,361
+    frames x 17,280 ANs, where the earlier estimate fell 135 MB short)
     ``+ 32 T K + 8 N`` (D, B, residuals) ``+ 16 MB`` (interpreter, torch
     workspaces). Proportional to frames x neurons; the language model and the
     word activations are not counted.
     """
     T, N, K = int(n_frames), int(n_neurons), int(n_atoms)
     b = min(int(batch_neurons), N)
-    return MEMORY_FACTOR * T * N + 24 * K * N + 48 * K * b + 8 * T * min(b, 4096) + 32 * T * K + 8 * N \
-        + 16 * 2**20
+    svd = 8 * T * min(16384, N) + 16 * T * T if T <= 4096 else 0
+    return MEMORY_FACTOR * T * N + 24 * K * N + 48 * K * b + max(8 * T * min(b, 4096), svd) + 32 * T * K \
+        + 8 * N + 16 * 2**20
 
 
 def check_memory(n_frames: int, n_neurons: int, n_atoms: int, mem_mb: Optional[int], what: str,

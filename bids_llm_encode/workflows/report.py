@@ -40,12 +40,14 @@ def participant_story_sections(report, result, cfg: Config, writer) -> None:
                                             "n_tokens", "n_words", "n_windows", "window_tokens",
                                             "context_tokens", "seconds", "tokens_per_s", "device",
                                             "dtype") if k in card})
-    from ..signal.frames import frame_series
-    from .stimulus import word_values
+    from dataclasses import replace
+
+    from .stimulus import neuron_series
 
     rng = np.random.default_rng(0)
     cols = np.sort(rng.choice(acts.values.shape[1], size=min(4, acts.values.shape[1]), replace=False))
-    X = frame_series(story.starts, word_values(acts, cfg)[:, cols], dic.frame_times, hrf=cfg.hrf)  # 4 only
+    # 4 neurons only (centring is per neuron): no copy of all the word values
+    X = neuron_series(story, replace(acts, values=acts.values[:, cols]), dic.frame_times, cfg)
     sec.figure(fig.neuron_timecourses(dic.frame_times, X, story.starts,
                                       [f"L{acts.layer[c]}:u{acts.unit[c]}" for c in cols]),
                "Four artificial neurons' responses (HRF-convolved, z-scored) against the word onsets "

@@ -77,14 +77,10 @@ def word_values(activations: WordActivations, config: Config) -> np.ndarray:
     return _centred(activations.values, config)
 
 
-#: Neurons per block of the centring and of the long-story frame series.
+#: Neurons per block of the centring and of the frame series.
 _COLUMNS = 1024
 
-#: Above this size (bytes) of the dense word -> frame matrix (frames x words, float64),
-#: :func:`neuron_series` builds it as a sparse banded matrix, in blocks of words.
-DENSE_WORD_MATRIX_MAX_BYTES = 256 * 2**20
-
-#: Words per block of the long-story word -> frame matrix.
+#: Words per block of the word -> frame matrix.
 _WORDS = 2048
 
 
@@ -92,38 +88,29 @@ def neuron_series(story: Story, activations: WordActivations, frame_times_audio:
                   config: Config) -> np.ndarray:
     """The neurons' z-scored frame series X at the given audio-relative frame times, (frames, neurons).
 
-    ``signal.frames.frame_series`` of the centred word values. It multiplies a
-    dense frames x words matrix (float64): 5.3 GB for a 50,000-word story at
-    1.5 s (13,347 frames), and several times that while it is built. When that
-    matrix would exceed :data:`DENSE_WORD_MATRIX_MAX_BYTES` (256 MB, about
-    10,000 words), the same matrix is built in blocks of words with
-    ``signal.frames.words_to_frame_matrix`` (its columns do not depend on the
-    other words) and kept sparse (an HRF spans about 22 frames), and X is
-    formed in blocks of neurons, centred and z-scored by the same rules: the
-    memory is X plus blocks (benchmarks/memory.py), the result equal to the
-    dense product's up to float64 rounding.
+    The values of ``signal.frames.frame_series(story.starts, word_values(...),
+    frame_times, hrf=config.hrf)`` (tests/test_determinism.py; bit for bit on
+    the demo), in memory proportional to X. ``frame_series`` multiplies a dense
+    frames x words float64 matrix, 5.3 GB for a 50,000-word story at 1.5 s
+    (13,347 frames) and several times that while it is built, after a centred
+    float32 copy of all word values. Here that matrix is built in blocks of
+    2,048 words with ``signal.frames.words_to_frame_matrix`` (a column depends
+    on its word only) and kept sparse (an HRF spans about 22 frames), and X is
+    formed 1,024 neurons at a time, each block centred, multiplied and z-scored
+    by ``frame_series``'s rules: X plus blocks (benchmarks/memory.py), and
+    faster (2x on the demo).
     """
-    from ..signal.frames import frame_series
-
-    ft = np.asarray(frame_times_audio)
-    n_words = len(story.starts)
-    if ft.size * n_words * 8 <= DENSE_WORD_MATRIX_MAX_BYTES:
-        return frame_series(story.starts, word_values(activations, config), ft, hrf=config.hrf)
-    return _long_story_series(story, activations.values, ft, config)
-
-
-def _long_story_series(story: Story, values: np.ndarray, ft: np.ndarray, config: Config) -> np.ndarray:
     from ..errors import DataError
     from ..signal.frames import words_to_frame_matrix
 
+    ft = np.asarray(frame_times_audio)
+    values = activations.values
     onsets = np.asarray(story.starts, dtype=float)
     if values.ndim != 2 or values.shape[0] != onsets.size:
         raise DataError(f"values must have one row per word: {onsets.size} onsets but values of shape "
                         f"{values.shape}")
     H = sp.hstack([sp.csc_matrix(words_to_frame_matrix(onsets[w0:w0 + _WORDS], ft, config.hrf))
-                   for w0 in range(0, onsets.size, _WORDS)]).tocsr()
-    log.info("story %s: word -> frame matrix %d x %d, %d non-zeros (sparse: %d words)", story.name,
-             H.shape[0], H.shape[1], H.nnz, onsets.size)
+                   for w0 in range(0, onsets.size, _WORDS)], format="csr")
     out = np.empty((ft.size, values.shape[1]), dtype=np.float32)
     for c0 in range(0, values.shape[1], _COLUMNS):
         X = H @ _centred(values[:, c0:c0 + _COLUMNS], config).astype(np.float64)
