@@ -40,6 +40,7 @@ from .. import __version__
 from ..cache import atomic_write_bytes
 from ..errors import BidsAppError, CantCreateError, DataError, UsageError
 from ..records import Atlas, Story
+from ..signal.frames import cosine_basis
 from .plants import GAIN_UNITS, Coupling, DemoRun, make_plant
 
 log = logging.getLogger(__name__)
@@ -357,14 +358,6 @@ def _smooth_walk(rng, n_frames: int, n: int, sd: float) -> np.ndarray:
     w -= w.mean(axis=0)
     w /= w.std(axis=0) + 1e-12
     return w * sd
-
-
-def cosine_basis(n_frames: int, tr: float, period_cut: float = 128.0) -> np.ndarray:
-    """fMRIPrep's discrete cosine drift regressors (high-pass at ``period_cut`` s), shape (n_frames, n_cos)."""
-    order = int(np.floor(2 * n_frames * tr / period_cut))
-    t = np.arange(n_frames)
-    cols = [np.sqrt(2.0 / n_frames) * np.cos(np.pi / n_frames * (t + 0.5) * k) for k in range(1, order)]
-    return np.column_stack(cols) if cols else np.zeros((n_frames, 0))
 
 
 def _zscore(x: np.ndarray) -> np.ndarray:

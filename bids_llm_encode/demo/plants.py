@@ -334,7 +334,7 @@ class ModelAtomsPlant:
             # ... and after the drift regressors the participant stage removes (the demo's cosines,
             # high-pass 128 s): the consensus's stable atoms are slower than the rest, and a planted
             # signal the cleaning removes is one no single-run participant can detect
-            from .generate import cosine_basis
+            from ..signal.frames import cosine_basis
 
             C = np.column_stack([np.ones(len(ref)), cosine_basis(len(ref), cfg.atom_tr)])
             seen = ref - C @ np.linalg.lstsq(C, ref, rcond=None)[0]
