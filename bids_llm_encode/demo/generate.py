@@ -41,7 +41,8 @@ from .. import __version__
 from ..cache import atomic_write_bytes
 from ..errors import BidsAppError, CantCreateError, DataError, UsageError
 from ..records import Atlas, Story
-from .plants import GAIN_UNITS, Coupling, DemoRun, cosine_basis, make_plant
+from ..signal.frames import cosine_basis
+from .plants import GAIN_UNITS, Coupling, DemoRun, make_plant
 
 log = logging.getLogger(__name__)
 

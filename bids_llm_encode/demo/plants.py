@@ -35,13 +35,6 @@ from ..records import Story
 log = logging.getLogger(__name__)
 
 
-def cosine_basis(n_frames: int, tr: float, period_cut: float = 128.0) -> np.ndarray:
-    """fMRIPrep's discrete cosine drift regressors (high-pass at ``period_cut`` s), shape (n_frames, n_cos)."""
-    order = int(np.floor(2 * n_frames * tr / period_cut))
-    t = np.arange(n_frames)
-    cols = [np.sqrt(2.0 / n_frames) * np.cos(np.pi / n_frames * (t + 0.5) * k) for k in range(1, order)]
-    return np.column_stack(cols) if cols else np.zeros((n_frames, 0))
-
 #: Units of :attr:`Coupling.gain`.
 GAIN_UNITS = "percent signal change of the voxel's baseline per standard deviation of the signal"
 
@@ -342,6 +335,8 @@ class ModelAtomsPlant:
             # ... and after the drift regressors the participant stage removes (the demo's cosines,
             # high-pass 128 s): the consensus's stable atoms are slower than the rest, and a planted
             # signal the cleaning removes is one no single-run participant can detect
+            from ..signal.frames import cosine_basis
+
             C = np.column_stack([np.ones(len(ref)), cosine_basis(len(ref), cfg.atom_tr)])
             seen = ref - C @ np.linalg.lstsq(C, ref, rcond=None)[0]
             picks = choose_distinct_atoms(seen[:, usable], len(self._names))

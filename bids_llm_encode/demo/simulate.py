@@ -53,9 +53,10 @@ from threadpoolctl import threadpool_limits
 
 from .. import __version__
 from ..errors import UsageError
+from ..signal.frames import cosine_basis
 from .generate import (
     STORY, TR, _smooth_walk, _write_json, _write_raw_top, _write_text, _write_tsv,
-    align_story, cosine_basis, dataset_main, make_grid, story_text, write_dataset, write_fmriprep_description,
+    align_story, dataset_main, make_grid, story_text, write_dataset, write_fmriprep_description,
     write_run, write_voxel_maps,
 )
 

@@ -620,7 +620,8 @@ def learn_dictionary(X: ArrayLike, n_atoms: int = 64, alpha: Optional[float] = N
     seconds = time.perf_counter() - t0
     info = {
         "sparsity": rel, "n_iter": it, "converged": converged, "tol": tol, "seed": seed,
-        "init": init if isinstance(init, str) else "given", "device": str(dev), "dtype": str(dtype).replace("torch.", ""),
+        "init": init if isinstance(init, str) else "given", "device": str(dev),
+        "dtype": str(dtype).replace("torch.", ""),
         "n_frames": T, "n_neurons": N, "density": loadings.nnz / float(K * N),
         "n_reinit": n_reinit_total, "seconds": seconds, "objective_history": history,
         **lasso_stats,

@@ -149,3 +149,15 @@ def frame_series(onsets, values, frame_times, *, hrf: str = "spm", oversampling:
             X[:, flat] = 0.0
         out[:, c0:c0 + 4096] = X
     return out
+
+
+def cosine_basis(n_frames: int, tr: float, period_cut: float = 128.0) -> np.ndarray:
+    """fMRIPrep's discrete cosine drift regressors (high-pass at ``period_cut`` s), shape (n_frames, n_cos).
+
+    The demo writes them into its confounds; its model-atoms plant chooses atoms
+    as they look after them.
+    """
+    order = int(np.floor(2 * n_frames * tr / period_cut))
+    t = np.arange(n_frames)
+    cols = [np.sqrt(2.0 / n_frames) * np.cos(np.pi / n_frames * (t + 0.5) * k) for k in range(1, order)]
+    return np.column_stack(cols) if cols else np.zeros((n_frames, 0))
