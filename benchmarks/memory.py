@@ -4,9 +4,10 @@ A synthetic story of ``--words`` words (default 50,000) spoken at the demo's
 rate (about 2.5 words/s: inter-onset intervals drawn from a gamma of mean
 0.4 s, each word lasting 80 % of its interval) goes through the app's own
 path, ``workflows.stimulus.story_dictionary`` at the app's defaults
-(smollm2-135m, mlp-out: 17,280 ANs, K = 64, atom TR 1.5 s): word activations,
-the neurons' frame series on the reference grid (story + 20 s, 13,347 frames
-for 50,000 words), dictionary learning. Nothing else of the app runs.
+(smollm2-135m, mlp-out: 17,280 ANs, K = 64, atom TR 1.5 s, the consensus of
+``--restarts`` 24 fits): word activations, the neurons' frame series on the
+reference grid (story + 20 s, 13,356 frames for 50,000 words), dictionary
+learning. Nothing else of the app runs.
 
 Activations: ``--activations random`` (default) gives standard-normal float32
 activations of the embedded model's shape (words x 17,280), because extracting
@@ -22,9 +23,10 @@ float16 copy).
 
 Measured: the process's resident memory, sampled every 20 ms by a thread
 (``/proc/self/statm``) and per stage (activations, frame series, learning), and
-its peak (``resource.getrusage``). Printed next to it:
-``patterns.dictionary.dictionary_memory_bytes`` (the estimate ``--mem-mb`` is
-checked against) and the learning's measured need (peak while building the
+its peak (``resource.getrusage``). Printed next to it: the estimate
+``--mem-mb`` is checked against (``patterns.consensus.consensus_memory_bytes``
+with the run's restarts; ``patterns.dictionary.dictionary_memory_bytes`` where
+there is no consensus) and the learning's measured need (peak while building the
 frame series and learning, over the level before). Then the refusal path: the
 same story with ``--mem-mb`` at half the estimate must stop with exit 64 and
 the documented message before learning (``learn_dictionary`` is never called).
@@ -33,7 +35,8 @@ The cache is a fresh temporary folder (the model is read from
 ``--model-cache``, default the app's cache, as a read-only prebuilt root), so
 every stage is computed.
 
-Usage: python benchmarks/memory.py [--quick] [--words N] [--activations random|model] [--only-activations]
+Usage: python benchmarks/memory.py [--quick] [--words N] [--restarts R] [--activations random|model]
+[--only-activations]
 The last line is ``peak_mb=<m> estimate_mb=<e> learn_mb=<l> seconds=<s> refused=<0|1> words=<n> frames=<t>``.
 """
 
@@ -136,6 +139,8 @@ def main(argv=None) -> None:
     ap.add_argument("--model-cache", type=Path, default=None,
                     help="where the prepared model is (default: the app's cache folder)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--restarts", type=int, default=None,
+                    help="the consensus's fits (default: the app's; --quick: 2, to stay within a minute)")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -153,6 +158,9 @@ def main(argv=None) -> None:
         story = synthetic_story(n_words, args.seed, work)
         cfg = Config(bids_dir=work, output_dir=work / "out", analysis_level="participant",
                      cache_dir=work / "cache", device="cpu")
+        restarts = args.restarts or (2 if args.quick else getattr(cfg, "restarts", 1))
+        if hasattr(cfg, "restarts"):
+            cfg = replace(cfg, restarts=restarts)
         cache = Cache(work / "cache")
         T = len(stimulus.reference_frame_times(story, cfg.atom_tr))
 
@@ -164,7 +172,7 @@ def main(argv=None) -> None:
             acts = random_activations(n_words, args.seed)
         t_acts = time.perf_counter() - t0
         N = acts.values.shape[1]
-        estimate = dl.dictionary_memory_bytes(T, N, cfg.n_atoms)
+        estimate = _estimate(T, N, cfg)
         rows.append(("activations", f"{args.activations} ({n_words:,} words x {N:,} ANs)", t_acts))
         if args.only_activations:
             sampler.stop()
@@ -175,8 +183,8 @@ def main(argv=None) -> None:
                   f"words={n_words} frames={T}")
             return
 
-        real_neurons, real_learn = stimulus.neuron_series, dl.learn_dictionary
-        learned, framed = [], []
+        real_neurons, real_fit = stimulus.neuron_series, dl.learn_dictionary
+        learned, framed, fits = [], [], []
 
         def neurons_staged(*a, **k):
             framed.append(1)
@@ -187,17 +195,33 @@ def main(argv=None) -> None:
                          time.perf_counter() - t))
             return out
 
-        def learn_staged(*a, **k):
-            learned.append(1)
-            sampler.enter("learning")
+        def fit_counted(*a, **k):  # every fit of the consensus (or the single fit)
+            direct = not learned  # learn_dictionary called by story_dictionary itself (no consensus)
+            if direct:
+                learned.append(1)
+                sampler.enter("learning")
             t = time.perf_counter()
-            out = real_learn(*a, **k)
-            rows.append(("learning", f"K={cfg.n_atoms}, {out.info['n_iter']} alternations, R^2 {out.r2:.3f}",
-                         time.perf_counter() - t))
+            out = real_fit(*a, **k)
+            fits.append(out.info["n_iter"])
+            if direct:
+                rows.append(("learning", f"K={cfg.n_atoms}, one fit, {fits[-1]} alternations, R^2 {out.r2:.3f}",
+                             time.perf_counter() - t))
             return out
 
+        def learning_staged(real):
+            def staged(*a, **k):
+                learned.append(1)
+                sampler.enter("learning")
+                t = time.perf_counter()
+                out = real(*a, **k)
+                rows.append(("learning", f"K={cfg.n_atoms}, {len(fits)} fit(s) ({restarts} restart(s)), "
+                             f"alternations {fits}, R^2 {out.r2:.3f}", time.perf_counter() - t))
+                return out
+            return staged
+
         stimulus.story_activations = lambda *a, **k: acts  # already computed (and cached) above
-        stimulus.neuron_series, dl.learn_dictionary = neurons_staged, learn_staged
+        stimulus.neuron_series, dl.learn_dictionary = neurons_staged, fit_counted
+        patched = _patch_consensus(learning_staged)
         try:
             # the refusal: --mem-mb below the estimate stops before the frame series and the learning
             small = max(1, int(estimate / MB / 2))
@@ -214,7 +238,9 @@ def main(argv=None) -> None:
             _, d = stimulus.story_dictionary(story, cfg, cache)
             t_dict = time.perf_counter() - t
         finally:
-            stimulus.neuron_series, dl.learn_dictionary = real_neurons, real_learn
+            stimulus.neuron_series, dl.learn_dictionary = real_neurons, real_fit
+            if patched is not None:
+                patched[0].learn_consensus_dictionary = patched[1]
         sampler.enter("after")
     finally:
         sampler.stop()
@@ -223,19 +249,39 @@ def main(argv=None) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     learn_need = max(sampler.peaks.get("frame series", 0), sampler.peaks.get("learning", 0)) - base
     seconds = t_acts + t_dict
-    print(f"story: {n_words:,} words, {T:,} frames of {cfg.atom_tr} s, {N:,} ANs, K={cfg.n_atoms}; "
-          f"activations: {args.activations}")
+    print(f"story: {n_words:,} words, {T:,} frames of {cfg.atom_tr} s, {N:,} ANs, K={cfg.n_atoms}, "
+          f"{restarts} restart(s); activations: {args.activations}")
     print(f"{'stage':<24} | {'s':>7} | {'RSS at start MB':>15} | {'peak RSS MB':>11} | what")
     for stage, what, secs in rows:
         key = stage if stage in sampler.peaks else None
         start = sampler.start_rss.get(key, float("nan")) / MB if key else float("nan")
         top = sampler.peaks.get(key, float("nan")) / MB if key else float("nan")
         print(f"{stage:<24} | {secs:>7.1f} | {start:>15.0f} | {top:>11.0f} | {what}")
-    print(f"estimate (dictionary_memory_bytes): {estimate / MB:.0f} MB; measured need of frame series + "
+    print(f"estimate (what --mem-mb is checked against): {estimate / MB:.0f} MB; measured need of frame series + "
           f"learning: {learn_need / MB:.0f} MB; process peak: {peak / MB:.0f} MB "
           f"({'within' if peak <= 16 * 2**30 else 'over'} 16 GB)")
     print(f"peak_mb={peak / MB:.0f} estimate_mb={estimate / MB:.0f} learn_mb={learn_need / MB:.0f} "
-          f"seconds={seconds:.1f} refused={refused} words={n_words} frames={T}")
+          f"seconds={seconds:.1f} refused={refused} words={n_words} frames={T} restarts={restarts}")
+
+
+def _estimate(T: int, N: int, cfg: Config) -> int:
+    """What story_dictionary checks --mem-mb against: the consensus's estimate, or the single fit's."""
+    try:
+        from bids_llm_encode.patterns.consensus import consensus_memory_bytes
+    except ImportError:
+        return dl.dictionary_memory_bytes(T, N, cfg.n_atoms)
+    return consensus_memory_bytes(T, N, cfg.n_atoms, cfg.restarts)
+
+
+def _patch_consensus(wrap):
+    """Wrap the consensus learner as the "learning" stage; (module, original) to restore, or None."""
+    try:
+        from bids_llm_encode.patterns import consensus
+    except ImportError:
+        return None
+    real = consensus.learn_consensus_dictionary
+    consensus.learn_consensus_dictionary = wrap(real)
+    return consensus, real
 
 
 if __name__ == "__main__":
