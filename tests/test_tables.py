@@ -240,3 +240,34 @@ def test_group_level_reading_a_broken_participant_table_exit_65(tmp_path, capsys
     err = capsys.readouterr().err
     assert code == EXIT_DATA, err
     assert str(atoms) in err and "Traceback" not in err
+
+
+def test_a_broken_model_card_is_rewritten_not_a_traceback(tmp_path, caplog, monkeypatch):
+    """The participant level reads its own modelcard.json to skip rewriting the story's files."""
+    import logging
+
+    import scipy.sparse as sp
+
+    from bids_llm_encode.bids.outputs import DerivativesWriter, OutputFiles, model_label
+    from bids_llm_encode.records import Dictionary, Story, WordActivations
+    from bids_llm_encode.workflows import participant as wp
+
+    cfg = Config(bids_dir=tmp_path / "ds", output_dir=tmp_path / "out", analysis_level="participant")
+    w = DerivativesWriter(cfg.output_dir, cfg)
+    story = Story("pieman", ("a", "b"), np.array([0.5, 1.0]), np.array([0.9, 1.4]), np.ones(2, bool),
+                  tmp_path / "align.csv")
+    acts = WordActivations(values=np.ones((2, 3), np.float32), layer=np.zeros(3, int), unit=np.arange(3),
+                           card={"cache_key": "k"})
+    dic = Dictionary(atoms=np.ones((4, 1)), loadings=sp.csr_matrix(np.ones((1, 3))), frame_times=np.arange(4.0),
+                     r2=0.5, objective=1.0, alpha=0.1, info={})
+    card = OutputFiles(w, cfg.space).story("pieman", model_label(cfg), "modelcard")
+    card.parent.mkdir(parents=True)
+    card.write_text('{"settings_digest": ')  # cut short
+    written = []
+    for name in ("write_tsv", "write_npz", "write_npy", "write_json"):
+        monkeypatch.setattr(DerivativesWriter, name, lambda self, x, p, *a, **k: written.append(p))
+    monkeypatch.setattr(wp.stimulus, "neuron_series", lambda *a: np.zeros((4, 3)))
+    with caplog.at_level(logging.WARNING):
+        wp.write_stimulus_outputs(w, story, acts, dic, pd.DataFrame({"atom": [0]}), cfg)
+    assert card in written  # written again
+    assert "not valid JSON" in caplog.text and str(card) in caplog.text

@@ -315,7 +315,6 @@ def write_stimulus_outputs(writer: DerivativesWriter, story: Story, acts: WordAc
     dictionary settings rewrites them (and warns: earlier participants' maps
     belong to the old atoms).
     """
-    import json
 
     from ..cache import digest
     from ..patterns.consensus import STABILITY_COLUMNS, stability_table
@@ -327,10 +326,18 @@ def write_stimulus_outputs(writer: DerivativesWriter, story: Story, acts: WordAc
                       cfg.seed, cfg.atom_tr, cfg.hrf, cfg.subgroup, cfg.an_centering, cfg.restarts,
                       cfg.min_stability, "diversity-chance" if diversity_chance is not None else None)
     if card_path.exists():
-        if json.loads(card_path.read_text()).get("settings_digest") == settings:
+        from ..bids.tables import read_json
+
+        try:
+            old = read_json(card_path, "model card")
+        except DataError as exc:  # not readable: written again below, like a card of other settings
+            log.warning("%s; rewriting the story's files", exc)
+            old = {}
+        if isinstance(old, dict) and old.get("settings_digest") == settings:
             return
-        log.warning("%s: written with other settings; rewriting the story's files. Participants "
-                    "run before with the old settings have maps of other atoms: rerun them.", card_path)
+        if old:
+            log.warning("%s: written with other settings; rewriting the story's files. Participants "
+                        "run before with the old settings have maps of other atoms: rerun them.", card_path)
     src = [story.source]
     names = atom_names(dic.n_atoms)
     atoms = pd.DataFrame(dic.atoms, columns=names)
