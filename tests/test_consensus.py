@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
 import scipy.sparse as sp
-import torch
 
 from bids_llm_encode.config import Config
 from bids_llm_encode.errors import UsageError
 from bids_llm_encode.patterns import consensus as cs
 from bids_llm_encode.patterns import dictionary as dl
+
+from test_determinism import threads
 
 
 def _z(X):
@@ -151,16 +150,6 @@ def test_leave_one_out_stability_is_not_inflated_by_few_restarts():
     c, best_r, _ = cs.consensus_of(ref, [a[:, None], b[:, None]])
     assert np.allclose(best_r, 0.3)
     assert np.allclose(np.abs(c[:, 0] @ a), np.sqrt((1 + 0.3) / 2))
-
-
-@contextlib.contextmanager
-def threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 @pytest.mark.skipif((__import__("os").cpu_count() or 1) < 2, reason="needs 2 CPU cores")

@@ -651,12 +651,13 @@ def fit_encoding(
                     Btr, Bte, P = (bk.asarray(a) for a in (bf.Btr, bf.Bte, bf.P))
                     PY = P @ Ytr
                     pred_b = Bte @ PY + my
-                    Xtr_b = Xtr - Btr @ (P @ Xtr)
+                    PX = P @ Xtr
+                    Xtr_b = Xtr - Btr @ PX
                     best_j, coefs_j, _ = solve_ridge_cv_svd(
                         Xtr_b, Ytr - Btr @ PY, alphas=bk.asarray(alphas.astype(np.float32)), cv=inner,
                         local_alpha=True, n_targets_batch=n_targets_batch, warn=False,
                     )
-                    pred_a = ((Xb[test] - mx) - Bte @ (P @ Xtr)) @ bk.asarray(coefs_j)  # the atoms' part
+                    pred_a = ((Xb[test] - mx) - Bte @ PX) @ bk.asarray(coefs_j)  # the atoms' part
                     resid = Yte - pred_b
                     sse_base = sse_base + (resid ** 2).sum(0)
                     sse_joint = sse_joint + ((resid - pred_a) ** 2).sum(0)

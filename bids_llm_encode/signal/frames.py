@@ -111,9 +111,21 @@ def words_to_frame_matrix(onsets, frame_times, hrf: str = "spm", oversampling: i
     return H
 
 
+#: Words per block of the sparse word -> frame matrix, and neurons per block of the products.
+WORDS_BLOCK = 2048
+NEURONS_BLOCK = 1024
+
+
 def frame_series(onsets, values, frame_times, *, hrf: str = "spm", oversampling: int = 50,
-                 zscore: bool = True) -> np.ndarray:
+                 zscore: bool = True, center: bool = False) -> np.ndarray:
     """Neuron time series at the frame times.
+
+    ``H`` (:func:`words_to_frame_matrix`) is built in blocks of
+    ``WORDS_BLOCK`` words (a column depends on its word only) and kept sparse
+    (an HRF spans about 22 frames), and the products are formed
+    ``NEURONS_BLOCK`` neurons at a time in float64: memory is the output plus
+    blocks. A dense frames x words matrix was 5.3 GB for a 50,000-word story at
+    1.5 s, and several times that while built (benchmarks/memory.py).
 
     Parameters
     ----------
@@ -126,6 +138,9 @@ def frame_series(onsets, values, frame_times, *, hrf: str = "spm", oversampling:
     oversampling : int
     zscore : bool
         Z-score each column over frames; constant columns become zeros.
+    center : bool
+        Remove each column's mean over the words first (``--an-centering mean``),
+        block by block: no centred copy of all values is made.
 
     Returns
     -------
@@ -137,17 +152,24 @@ def frame_series(onsets, values, frame_times, *, hrf: str = "spm", oversampling:
     on = np.asarray(onsets, dtype=float).ravel()
     if vals.ndim != 2 or vals.shape[0] != on.size:
         raise DataError(f"values must have one row per word: {on.size} onsets but values of shape {vals.shape}")
-    H = words_to_frame_matrix(on, frame_times, hrf, oversampling)
+    import scipy.sparse as sp
+
+    blocks = [sp.csc_matrix(words_to_frame_matrix(on[w0:w0 + WORDS_BLOCK], frame_times, hrf, oversampling))
+              for w0 in range(0, on.size, WORDS_BLOCK)]
+    H = sp.hstack(blocks, format="csr") if blocks else sp.csr_matrix((np.size(frame_times), 0))
     out = np.empty((H.shape[0], vals.shape[1]), dtype=np.float32)
-    for c0 in range(0, vals.shape[1], 4096):  # float64 products, bounded memory
-        X = H @ vals[:, c0:c0 + 4096].astype(np.float64)
+    for c0 in range(0, vals.shape[1], NEURONS_BLOCK):
+        v = vals[:, c0:c0 + NEURONS_BLOCK]
+        if center:
+            v = (v - v.mean(axis=0, dtype=np.float64)).astype(np.float32)
+        X = H @ v.astype(np.float64)
         if zscore:
             mean = X.mean(axis=0)
             std = X.std(axis=0)
             flat = std <= 1e-12 * np.maximum(1.0, np.abs(mean))
             X = (X - mean) / np.where(flat, 1.0, std)
             X[:, flat] = 0.0
-        out[:, c0:c0 + 4096] = X
+        out[:, c0:c0 + NEURONS_BLOCK] = X
     return out
 
 

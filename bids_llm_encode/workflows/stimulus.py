@@ -52,76 +52,31 @@ def story_activations(story: Story, config: Config, cache: Cache) -> WordActivat
     return _acts(get_model(config, cache), story, config, cache)
 
 
-def _centred(values: np.ndarray, config: Config) -> np.ndarray:
-    """``values`` (words, neurons) centred over the words per ``--an-centering``, float32."""
-    if config.an_centering == "none":
-        return values
-    out = np.empty(values.shape, np.float32)
-    for c0 in range(0, values.shape[1], _COLUMNS):  # a float64 copy of the whole matrix is never made
-        v = values[:, c0:c0 + _COLUMNS]
-        out[:, c0:c0 + _COLUMNS] = v - v.mean(axis=0, dtype=np.float64)
-    return out
+def centring(config: Config) -> bool:
+    """Whether the neurons' activations are centred over the story's words (``--an-centering``).
 
-
-def word_values(activations: WordActivations, config: Config) -> np.ndarray:
-    """The impulse amplitudes of the neurons at the words, (words, neurons), float32.
-
-    ``--an-centering mean`` (default) removes each neuron's mean over the story's
-    words: a raw activation is its mean times a unit impulse per word plus a
-    fluctuation, so without centring every neuron's frame series carries the
-    HRF-convolved word rate (on the demo story the dictionary's atoms then
-    correlate up to |r| 0.9 with it, docs/patterns.md). Centred, the word-rate
-    carrier belongs to the word-rate baseline and the atoms describe how neurons
-    differ across words. ``none`` keeps the raw activations.
+    ``mean`` (default) removes each neuron's mean over the story's words: a raw
+    activation is its mean times a unit impulse per word plus a fluctuation, so
+    without centring every neuron's frame series carries the HRF-convolved word
+    rate (on the demo story the dictionary's atoms then correlate up to |r| 0.9
+    with it, docs/patterns.md). Centred, the word-rate carrier belongs to the
+    word-rate baseline and the atoms describe how neurons differ across words.
+    ``none`` keeps the raw activations.
     """
-    return _centred(activations.values, config)
-
-
-#: Neurons per block of the centring and of the frame series.
-_COLUMNS = 1024
-
-#: Words per block of the word -> frame matrix.
-_WORDS = 2048
+    return config.an_centering == "mean"
 
 
 def neuron_series(story: Story, activations: WordActivations, frame_times_audio: np.ndarray,
                   config: Config) -> np.ndarray:
     """The neurons' z-scored frame series X at the given audio-relative frame times, (frames, neurons).
 
-    The values of ``signal.frames.frame_series(story.starts, word_values(...),
-    frame_times, hrf=config.hrf)`` (tests/test_determinism.py; bit for bit on
-    the demo), in memory proportional to X. ``frame_series`` multiplies a dense
-    frames x words float64 matrix, 5.3 GB for a 50,000-word story at 1.5 s
-    (13,347 frames) and several times that while it is built, after a centred
-    float32 copy of all word values. Here that matrix is built in blocks of
-    2,048 words with ``signal.frames.words_to_frame_matrix`` (a column depends
-    on its word only) and kept sparse (an HRF spans about 22 frames), and X is
-    formed 1,024 neurons at a time, each block centred, multiplied and z-scored
-    by ``frame_series``'s rules: X plus blocks (benchmarks/memory.py), and
-    faster (2x on the demo).
+    ``signal.frames.frame_series`` of the activations, centred per :func:`centring`,
+    in memory proportional to X.
     """
-    from ..errors import DataError
-    from ..signal.frames import words_to_frame_matrix
+    from ..signal.frames import frame_series
 
-    ft = np.asarray(frame_times_audio)
-    values = activations.values
-    onsets = np.asarray(story.starts, dtype=float)
-    if values.ndim != 2 or values.shape[0] != onsets.size:
-        raise DataError(f"values must have one row per word: {onsets.size} onsets but values of shape "
-                        f"{values.shape}")
-    H = sp.hstack([sp.csc_matrix(words_to_frame_matrix(onsets[w0:w0 + _WORDS], ft, config.hrf))
-                   for w0 in range(0, onsets.size, _WORDS)], format="csr")
-    out = np.empty((ft.size, values.shape[1]), dtype=np.float32)
-    for c0 in range(0, values.shape[1], _COLUMNS):
-        X = H @ _centred(values[:, c0:c0 + _COLUMNS], config).astype(np.float64)
-        # z-scored as signal.frames.frame_series does: constant columns become zeros
-        mean = X.mean(axis=0)
-        std = X.std(axis=0)
-        flat = std <= 1e-12 * np.maximum(1.0, np.abs(mean))
-        X = (X - mean) / np.where(flat, 1.0, std)
-        X[:, flat] = 0.0
-        out[:, c0:c0 + _COLUMNS] = X
-    return out
+    return frame_series(story.starts, activations.values, np.asarray(frame_times_audio), hrf=config.hrf,
+                        center=centring(config))
 
 
 #: The precision :func:`story_dictionary` learns in (``learn_dictionary``'s ``dtype``); in the cache key.
@@ -276,7 +231,8 @@ def diversity_chance(story: Story, activations: WordActivations, config: Config,
         cols = chance_neurons(N, config.seed)
         log.info("story %s: chance level of the diversity: %d atoms from %d of %d neurons, each "
                  "circularly shifted", story.name, config.n_atoms, cols.size, N)
-        X = frame_series(story.starts, word_values(activations, config)[:, cols], grid, hrf=config.hrf)
+        X = frame_series(story.starts, activations.values[:, cols], grid, hrf=config.hrf,
+                         center=centring(config))
         out = diversity_chance_from_series(X, config.n_atoms, config.sparsity, seed=config.seed,
                                            device=torch_device(config.device), frame_times=grid,
                                            n_neurons_total=N)
