@@ -170,8 +170,8 @@ def test_reports_load_with_every_figure(demo, chromium, tmp_path):
 def test_compare_models_side_by_side(demo, tmp_path):
     """Issue 5: the BERT-versus-Llama comparison, here minilm-l6 next to smollm2-135m."""
     other = tmp_path / "minilm"
-    args = [str(demo["ds"]), str(other), "--model", "minilm-l6", "--participant-label", "02",
-            "--skip-bids-validation", "--n-permutations", "20"]
+    args = [str(demo["ds"]), str(other), "--model", "minilm-l6", "--participant-label", "01",
+            "--skip-bids-validation", "--n-permutations", "20", "--baselines", "none"]  # short: one run
     assert run(args[:2] + ["participant"] + args[2:]) == 0
     assert run(args[:2] + ["group", "--group-model", "fixed", "--model", "minilm-l6"]) == 0
     assert run([str(demo["ds"]), str(demo["out"]), "group", "--group-model", "fixed",
@@ -192,7 +192,8 @@ def _participant(args):
 def test_parallel_participant_runs_share_one_output(demo, tmp_path):
     """Two participant-level processes on one output folder at once (as on a cluster)."""
     out = tmp_path / "parallel"
-    common = ["--skip-bids-validation", "--n-permutations", "20", "--fbn-atlas", "CA12"]
+    # what is tested is the writing; fewer shifts and no baselines keep it short
+    common = ["--skip-bids-validation", "--n-permutations", "20", "--fbn-atlas", "CA12", "--baselines", "none"]
     jobs = [[str(demo["ds"]), str(out), "participant", "--participant-label", s, *common]
             for s in ("01", "03")]
     with mp.get_context("spawn").Pool(2) as pool:
