@@ -12,7 +12,7 @@ import pytest
 
 from bids_llm_encode.bids.inputs import find_runs, normalize_labels, run_summary, story_name
 from bids_llm_encode.config import Config
-from bids_llm_encode.errors import DataError, MissingInputError, NoMatchError
+from bids_llm_encode.errors import DataError, MissingInputError, NoMatchError, UsageError
 
 from layouts import DEFAULT_WORDS, make_layout, tree_checksums
 
@@ -158,6 +158,20 @@ def test_selection_labels_and_filter_file(tmp_path):
     with pytest.raises(NoMatchError) as exc:
         find_runs(cfg(root, participant_label=["09"]))
     assert exc.value.exit_code == 18 and "['09']" in str(exc.value) and "'01', '02'" in str(exc.value)
+
+
+@pytest.mark.parametrize("content, words", [(b'{"bold": {"run": 2,}}', "line 1: invalid JSON"),
+                                            ('{"bold": {"task": "caf\u00e9"}}'.encode("latin-1"), "not UTF-8"),
+                                            (b"\x00\x01\x02", "binary"),
+                                            (b"[1, 2]", "expected a JSON object")])
+def test_bad_filter_file_exit_64_naming_it(tmp_path, content, words):
+    root = tmp_path / "ds"
+    make_layout(root, subjects=("01",))
+    filt = tmp_path / "filter.json"
+    filt.write_bytes(content)
+    with pytest.raises(UsageError) as exc:
+        find_runs(cfg(root, bids_filter_file=filt))
+    assert exc.value.exit_code == 64 and str(filt) in str(exc.value) and words in str(exc.value)
 
 
 def test_no_derivatives_for_participant(tmp_path):

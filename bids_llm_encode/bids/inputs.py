@@ -28,7 +28,7 @@ from ..errors import DataError, MissingInputError, NoMatchError, UsageError
 from ..records import RunInputs, Story
 from .images import check_bold, check_mask
 from .stimuli import load_story, read_events_words, read_gentle_phones
-from .tables import check_confounds, read_events
+from .tables import check_confounds, read_events, read_text
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,12 @@ def load_filters(path: Optional[Path]) -> dict:
     path = Path(path)
     if not path.is_file():
         raise MissingInputError(f"BIDS filter file {path} does not exist")
+    try:  # the checked reader: not UTF-8, binary or gzip is named, not a traceback
+        text = read_text(path, "BIDS filter file")
+    except DataError as exc:
+        raise UsageError(str(exc)) from None
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UsageError(f"BIDS filter file {path}, line {exc.lineno}: invalid JSON ({exc.msg})") from exc
     if not isinstance(data, dict):

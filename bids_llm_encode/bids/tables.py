@@ -52,8 +52,7 @@ def _text(path: Path, what: str) -> str:
         raise DataError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from None
     head = raw[:_SNIFF]
     if head.startswith(b"\x1f\x8b"):
-        raise DataError(f"{path}: the {what} is gzip-compressed, not a tab-separated text file; "
-                        "give the uncompressed .tsv")
+        raise DataError(f"{path}: the {what} is gzip-compressed, not a text file; give it uncompressed")
     for bom, enc in ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16")):
         if raw.startswith(bom):
             try:
@@ -61,13 +60,12 @@ def _text(path: Path, what: str) -> str:
             except UnicodeDecodeError as exc:
                 raise DataError(f"{path}: the {what} is not valid {enc} text ({exc})") from None
     if b"\x00" in head:
-        raise DataError(f"{path}: the {what} is a binary file (it holds NUL bytes), not a "
-                        "tab-separated text file")
+        raise DataError(f"{path}: the {what} is a binary file (it holds NUL bytes), not a text file")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: the {what} is not UTF-8 text (byte {raw[exc.start]:#04x} at offset "
-                        f"{exc.start}); BIDS tables are UTF-8") from None
+                        f"{exc.start}); BIDS text files are UTF-8") from None
 
 
 def _rows(text: str, quoted: bool) -> list[tuple[int, list[str]]]:
