@@ -336,7 +336,7 @@ def test_user_regressors_word_and_frame_level(tmp_path):
 
 
 @pytest.mark.parametrize("content,where", [
-    ("time\tvalue\n1.0\t2.0\n", "line 1: no 'onset' column"),
+    ("time\tvalue\n1.0\t2.0\n", "has no column(s) ['onset']"),
     ("onset\tvalue\n1.0\t2.0\n2.0\tlots\n", "line 3, column 'value': 'lots' is not a number"),
     ("onset\tvalue\n1.0\tn/a\n", "line 2, column 'value': 'n/a' is not a finite number"),
     ("onset\tduration\tvalue\n1.0\t-1\t2\n", "line 2, column 'duration': negative duration"),
@@ -345,6 +345,8 @@ def test_user_regressors_word_and_frame_level(tmp_path):
     ("onset\tword\n1.0\thello\n", "no value column"),
     ("onset\tword_rate\n1.0\t1\n", "column 'word_rate' has the name of a built-in baseline"),
     ("onset\tvalue\n", "a header but no rows"),
+    ("onset\tvalue\tvalue\n1\t2\t3\n", "repeats column(s) ['value']"),
+    ("onset,value\n1.0,2.0\n", "not tab-separated"),
 ])
 def test_bad_user_tables_name_file_row_and_column(tmp_path, content, where):
     path = tmp_path / "s.tsv"

@@ -303,26 +303,13 @@ def read_user_regressors(path: Path) -> UserRegressors:
 
 @lru_cache(maxsize=32)
 def _read_user_cached(path_s: str, size: int, mtime_ns: int) -> UserRegressors:
+    from ..bids.tables import read_tsv
+
     path = Path(path_s)
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read it as UTF-8 text ({type(exc).__name__})") from None
-    lines = text.splitlines()
-    if not lines or not lines[0].strip():
-        raise DataError(f"{path}: empty file; expected a header row with 'onset' and value columns")
-    header = [h.strip() for h in lines[0].split("\t")]
     fix = "Fix the file (docs/usage.md, 'User baseline regressors')."
-    seen = set()
-    for h in header:
-        if not h:
-            raise DataError(f"{path}, line 1: an empty column name. {fix}")
-        if h in seen:
-            raise DataError(f"{path}, line 1: column {h!r} appears twice. {fix}")
-        seen.add(h)
-    if "onset" not in header:
-        raise DataError(f"{path}, line 1: no 'onset' column (columns: {header}); the onset (s, relative "
-                        f"to the start of the story's audio) of every row is required. {fix}")
+    # text, header, ragged and truncated lines checked by the one TSV reader; cells as written
+    table = read_tsv(path, "baseline regressors file", required=("onset",), strings=True)
+    header = list(table.columns)
     value_cols = [h for h in header if h not in ("onset", "duration") + USER_TEXT_COLUMNS]
     if not value_cols:
         raise DataError(f"{path}, line 1: no value column besides {header}; give one or more numeric "
@@ -332,18 +319,10 @@ def _read_user_cached(path_s: str, size: int, mtime_ns: int) -> UserRegressors:
         raise DataError(f"{path}, line 1: column {clash[0]!r} has the name of a built-in baseline; "
                         f"rename it. {fix}")
     numeric = ["onset"] + (["duration"] if "duration" in header else []) + value_cols
-    idx = [header.index(c) for c in numeric]
     rows = []
-    for lineno, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
-        cells = line.split("\t")
-        if len(cells) != len(header):
-            raise DataError(f"{path}, line {lineno}: {len(cells)} cells where the header has "
-                            f"{len(header)} columns. {fix}")
+    for lineno, cells in table[numeric].iterrows():
         row = []
-        for c, i in zip(numeric, idx):
-            cell = cells[i].strip()
+        for c, cell in zip(numeric, cells):
             try:
                 v = float(cell) if cell.lower() not in ("", "n/a", "nan") else math.nan
             except ValueError:
