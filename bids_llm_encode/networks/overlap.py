@@ -9,22 +9,34 @@ separately and compared with each network of an :class:`~bids_llm_encode.records
   voxels that lie in the network (the "overlap rate" of the paper's Fig. 3 read
   as a precision; 0 for an empty map).
 
-Spatial null: circular 3D shifts
---------------------------------
-The thresholded map is embedded in the bounding box of the brain mask (padded
-to FFT-friendly lengths, zero outside the mask) and shifted circularly by a
-random 3D offset, keeping its shape, size and smoothness; the part that falls
-inside the mask is compared with the network. All offsets are evaluated at
-once with FFT cross-correlations (``|shift(M) & N|`` and ``|shift(M) & mask|``
-for every offset), and ``n_null`` offsets are drawn among those that keep at
-least ``min_kept`` (default half) of the map inside the brain. Because a shifted
-map loses voxels at the brain's edge and covers a region with more or less of
-each network, the statistic is the overlap in excess of chance in binomial
-units (:func:`_excess`), and the one-sided p-value is
+Spatial nulls (``null``, ``--fbn-null``)
+----------------------------------------
+- ``spin`` (default for the built-in CA12 / Yeo7 / Yeo17 through ``auto``): the
+  maps are projected onto the fsLR 32k cortex and tested against rotations of
+  the networks on the sphere (:mod:`~bids_llm_encode.networks.surface`).
+- ``volume`` (default for TemplateFlow and user atlases): the circular 3D
+  shifts below, with maps and networks cut to the grey matter
+  (:func:`~bids_llm_encode.networks.atlases.grey_matter`), so that a shifted
+  map is compared only where maps can be.
+- ``shift``: the same shifts in the whole brain mask (the first version; its
+  null is too light for grey-matter maps: 9-10 % at p < 0.05).
+
+Circular 3D shifts: the thresholded map is embedded in the bounding box of the
+null's mask (padded to FFT-friendly lengths, zero outside the mask) and
+shifted circularly by a random 3D offset, keeping its shape, size and
+smoothness; the part that falls inside the mask is compared with the network.
+All offsets are evaluated at once with FFT cross-correlations (``|shift(M) & N|``
+and ``|shift(M) & mask|`` for every offset), and ``n_null`` offsets are drawn
+among those that keep at least ``min_kept`` (default half) of the map inside
+the mask. Because a shifted map loses voxels at the edge and covers a region
+with more or less of each network, the statistic is the overlap in excess of
+chance in binomial units (:func:`_excess`), and the one-sided p-value is
 ``(1 + #{null >= observed}) / (1 + n_null)``; for the observed map the
 statistic is monotone in the Dice, so this is a test of the Dice.
-The same offsets serve every network, and the p-values are BH-FDR corrected
-over atoms x networks x signs. ``docs/networks.md`` shows the calibration.
+
+The same offsets (rotations) serve every network, and the p-values are BH-FDR
+corrected over atoms x networks x signs. A link needs ``q < fdr_alpha`` and
+``dice >= min_dice`` (default 0.1). ``docs/networks.md`` shows the calibration.
 """
 
 from __future__ import annotations

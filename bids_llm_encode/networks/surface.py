@@ -232,7 +232,7 @@ def spin_pvalues(maps: np.ndarray, codes: np.ndarray, n_networks: int,
     a rotated network would be 8.6 % low on average: anti-conservative).
     ``p = (1 + #{null >= observed}) / (1 + n)``; when fewer than
     :data:`TAIL_EXCEEDANCES` rotations reach the observed value, the smaller of
-    that and an exponential tail fitted to the top 10 % of the rotations
+    that and an exponential tail fitted to the 25 largest values of the rotations
     (``encoding.stats.tail_p``), so that FDR over thousands of tests can reach
     p below ``1 / (n + 1)`` (a normal tail was too light: unrelated maps got
     p ~ 1e-6 against small, skewed networks).
