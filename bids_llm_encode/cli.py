@@ -126,7 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--map-threshold", type=float, default=None)
     n.add_argument("--map-rule", choices=["winner", "all"], default=None,
                    help="winner (default): a voxel counts for the atom with the largest |z| there only")
-    n.add_argument("--n-spatial-null", type=int, default=None)
+    n.add_argument("--n-spatial-null", type=int, default=None,
+                   help="volume nulls: circular shifts per map (default: every valid shift)")
+    n.add_argument("--fbn-null", choices=["auto", "spin", "volume", "shift"], default=None,
+                   help="spatial null of the map -> network tests: auto (default: spin test on the fsLR "
+                   "sphere for CA12/Yeo7/Yeo17, grey-matter-restricted shifts for volume atlases), "
+                   "spin, volume, or shift (the first version's whole-mask shifts)")
+    n.add_argument("--n-spins", type=int, default=None, help="rotations of the spin test (default 1000)")
+    n.add_argument("--min-dice", type=float, default=None,
+                   help="a link's minimum Dice overlap beside its FDR significance (default 0.1)")
     n.add_argument("--n-consistency-null", type=int, default=None,
                    help="random atom sets behind each network's consistency chance level (default 1000)")
 

@@ -31,10 +31,15 @@ CHOICES = {
     "group_model": ("random", "fixed"),
     "atom_model": ("marginal", "joint"),
     "map_rule": ("winner", "all"),
+    # the same tuple as networks.overlap.NULLS (tests/test_config.py checks that they agree)
+    "fbn_null": ("auto", "spin", "volume", "shift"),
     # the same tuple as encoding.confounds.STRATEGIES (kept here so that checking options
     # imports no nilearn; tests/test_config.py checks that they agree)
     "confounds_strategy": ("narratives", "simple", "compcor", "scrubbing"),
 }
+
+#: The atlases defined on the fsLR cortex (networks.atlases.list_builtin_atlases): the spin test's.
+SURFACE_ATLASES = ("CA12", "Yeo7", "Yeo17")
 
 #: The built-in low-level baseline regressors (``--baselines``; signal/baselines.py makes them).
 BASELINES = ("word_rate", "phoneme_rate", "envelope")
@@ -103,6 +108,9 @@ class Config:
     map_threshold: float = 3.1
     map_rule: str = "winner"  # winner: each voxel counts for its preferred atom only | all
     n_spatial_null: Optional[int] = None  # None: every valid shift of the map (finest p-values)
+    fbn_null: str = "auto"  # auto: spin test for CA12/Yeo7/Yeo17, grey-matter shifts for others (docs/networks.md)
+    n_spins: int = 1000  # rotations of the spin test
+    min_dice: float = 0.1  # a link's overlap floor (docs/networks.md)
     n_consistency_null: int = 1000  # random atom sets: chance level of each network's consistency
     # group (section 7)
     group_model: str = "random"  # random: one-sample t over participants; fixed: Stouffer z
@@ -194,6 +202,8 @@ class Config:
         number("fdr_alpha", 0, 1)
         number("map_threshold", 0)
         integer("n_spatial_null", 1, optional=True)
+        integer("n_spins", 1)
+        number("min_dice", 0, 1, lo_open=False, hi_open=False)
         integer("n_consistency_null", MIN_CONSISTENCY_NULL)
         integer("nprocs", 1, optional=True)
         integer("mem_mb", 1, optional=True)
@@ -202,6 +212,12 @@ class Config:
             if not isinstance(getattr(self, name), bool):
                 bad(name, getattr(self, name), "must be true or false")
         strings("fbn_atlas", allow_empty=False)
+        if self.fbn_null == "spin":
+            volume = [a for a in self.fbn_atlas if a.strip().lower() not in {x.lower() for x in SURFACE_ATLASES}]
+            if volume:
+                bad("fbn_null", self.fbn_null, f"the spin test needs atlases on the fsLR cortex "
+                    f"({', '.join(SURFACE_ATLASES)}); {', '.join(volume)} are volume atlases: use auto "
+                    "(spin where it applies, grey-matter shifts elsewhere) or volume")
         strings("baselines", allow_empty=False)
         self.baselines = normalize_baselines(self.baselines)
         if self.baseline_regressors is not None:

@@ -30,6 +30,10 @@ BAD_OPTIONS = [
     (["--nprocs", "0"], "--nprocs"),
     (["--mem-mb", "0"], "--mem-mb"),
     (["--n-spatial-null", "0"], "--n-spatial-null"),
+    (["--n-spins", "0"], "--n-spins"),
+    (["--min-dice", "1.5"], "--min-dice"),
+    (["--min-dice", "-0.1"], "--min-dice"),
+    (["--fbn-null", "spin", "--fbn-atlas", "CA12", "atlas.nii.gz"], "--fbn-null"),
     (["--n-consistency-null", "50"], "--n-consistency-null"),
     (["--subgroup", "top-0"], "--subgroup"),
     (["--subgroup", "largest"], "--subgroup"),
@@ -63,7 +67,7 @@ def test_bad_option_exit_64_before_anything(dataset, tmp_path, capsys, argv, opt
     ("device", "tpu"), ("dtype", "float8"), ("neurons", "attention"), ("word_pooling", "max"),
     ("hrf", "fir"), ("group_model", "mixed"), ("confounds_strategy", "full"), ("atom_model", "both"),
     ("n_atoms", "many"), ("n_atoms", True), ("sparsity", "high"), ("scrub", "yes"),
-    ("fbn_atlas", []), ("layers", "all")])
+    ("fbn_atlas", []), ("layers", "all"), ("fbn_null", "rotate"), ("n_spins", 1.5)])
 def test_bad_config_file_values_exit_64(tmp_path, capsys, key, value):
     f = tmp_path / "c.json"
     f.write_text(json.dumps({key: value}))
@@ -76,8 +80,13 @@ def test_bad_config_file_values_exit_64(tmp_path, capsys, key, value):
 def test_valid_defaults_pass_and_choices_match_the_code():
     from bids_llm_encode.encoding.confounds import STRATEGIES
 
+    from bids_llm_encode.config import SURFACE_ATLASES
+    from bids_llm_encode.networks.atlases import list_builtin_atlases
+    from bids_llm_encode.networks.overlap import NULLS
+
     Config(bids_dir=Path("/data/ds"), output_dir=Path("/data/out"), analysis_level="group").validate()
     assert CHOICES["confounds_strategy"] == STRATEGIES
+    assert CHOICES["fbn_null"] == NULLS and SURFACE_ATLASES == tuple(list_builtin_atlases())
 
 
 def test_label_file_content_never_echoed(tmp_path, capsys):

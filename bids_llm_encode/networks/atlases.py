@@ -613,3 +613,36 @@ def load_atlas(
         raise DataError(f"atlas {spec}: no network has a voxel inside the brain mask; is it in "
                         f"the same space as the data ({space})?")
     return atlas
+
+
+# --------------------------------------------------------------------------- grey matter
+
+
+def grey_matter(mask_img, threshold: float = 0.5) -> np.ndarray:
+    """Mask voxels whose MNI152 grey-matter probability exceeds ``threshold``, shape (n_mask_voxels,).
+
+    The probability is nilearn's bundled ICBM 2009a grey-matter template
+    (offline; 1 mm for voxels < 2 mm, else 2 mm), resampled (continuous) to
+    the mask's grid. It is the same for every participant and for the group
+    maps, in the template space the app's inputs are in (MNI152NLin2009cAsym;
+    the 2009a symmetric template differs by ~1 mm). A participant's own
+    fMRIPrep GM probseg is not used: the group level compares group maps, and
+    one support for both keeps the participant and group nulls alike.
+
+    Returns
+    -------
+    ndarray of bool, shape (n_mask_voxels,), mask order
+    """
+    from nilearn import datasets
+
+    mask_img, mask = _as_mask(mask_img)
+    res = 1 if _voxel_size(mask_img.affine) < 2 else 2
+    gm = datasets.load_mni152_gm_template(resolution=res)
+    vals = np.asanyarray(_resample(gm, mask_img, "continuous").dataobj)[mask]
+    out = vals > threshold
+    log.info("grey matter (MNI152 GM probability > %.2f): %d of %d mask voxels", threshold,
+             int(out.sum()), out.size)
+    if not out.any():
+        raise DataError("no mask voxel has a grey-matter probability above "
+                        f"{threshold}; is the mask in MNI space?")
+    return out

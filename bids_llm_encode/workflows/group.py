@@ -112,7 +112,8 @@ class GroupStory:
 
         from ..networks.atlases import load_atlas
         from ..networks.metrics import PER_NETWORK_COLUMNS, linkable_atoms, organization_metrics
-        from ..networks.overlap import correspondence, link_agreement, links_table, pairwise_dice
+        from ..networks.overlap import (NULL_COLUMNS, correspondence, link_agreement, links_table, null_meta,
+                                         pairwise_dice)
         from ..report import figures as fig
         from .report import network_metrics_section
 
@@ -233,8 +234,9 @@ class GroupStory:
             atlas = load_atlas(spec, brain, cache=self.cache, space=cfg.space)
             desc = label(atlas.name)
             corr = correspondence(group_z, brain, atlas, threshold=cfg.map_threshold, map_rule=cfg.map_rule,
-                                  n_null=cfg.n_spatial_null, seed=cfg.seed, fdr_alpha=cfg.fdr_alpha,
-                                  stable=stable)
+                                  null=cfg.fbn_null, n_null=cfg.n_spatial_null, n_spins=cfg.n_spins,
+                                  seed=cfg.seed, fdr_alpha=cfg.fdr_alpha, min_dice=cfg.min_dice,
+                                  stable=stable, cache=self.cache)
             links = links_table(corr)
             tables = []
             for e in ents:
@@ -255,12 +257,14 @@ class GroupStory:
                 seed=cfg.seed, diversity_chance=card.get("diversity_chance"))
             summary = dict(summary, atlas=atlas.name, model=cfg.model, story=story, participants=n)
             meta = {"Atlas": atlas.name, "MapThreshold": cfg.map_threshold, "MapRule": cfg.map_rule,
-                    "Participants": n}
+                    "Participants": n, **null_meta(corr)}
             writer.write_tsv(corr, self.files.group_table(story, atlas.name, "overlap"),
-                             {"Description": "Overlap of each group atom z map with each network.", **meta},
+                             {"Description": "Overlap of each group atom z map with each network.", **meta,
+                              **NULL_COLUMNS},
                              sources)
             writer.write_tsv(links, self.files.group_table(story, atlas.name, "links"),
-                             {"Description": "Group atom -> network links.", **meta}, sources)
+                             {"Description": "Group atom -> network links.", **meta, **NULL_COLUMNS},
+                             sources)
             writer.write_tsv(agreement, self.files.group_table(story, atlas.name, "agreement"),
                              {"Description": "Per atom x network x sign: how many participants show the "
                               "link, and how alike their thresholded maps are (mean pairwise Dice).",
@@ -278,6 +282,8 @@ class GroupStory:
 
             sec = self.report.add_section(f"Networks ({atlas.name}), '{story}'",
                                           anchor=f"networks-{desc}-{story}")
+            sec.note(f"Spatial null: {corr.attrs.get('null_description')}; a link needs q < "
+                     f"{cfg.fdr_alpha} and Dice >= {cfg.min_dice}.", kind="info")
             sec.figure(fig.correspondence_heatmap(corr), "Group atom maps. "
                        + fig.CAPTIONS["correspondence_heatmap"])
             sec.figure(fig.network_involvement_bars(per_network), "Group links. "

@@ -256,27 +256,28 @@ class Participant:
     def networks(self, atlas: Atlas, enc: EncodingResult, dic: Dictionary, sub_df: pd.DataFrame,
                  mask_img, ent: dict, sources, diversity_chance: dict | None = None):
         from ..networks.metrics import PER_NETWORK_COLUMNS, linkable_atoms, organization_metrics
-        from ..networks.overlap import correspondence, links_table
+        from ..networks.overlap import NULL_COLUMNS, correspondence, links_table, null_meta
         from ..patterns.consensus import linkable_atoms as stable_atoms
 
         cfg, writer = self.config, self.writer
         corr = correspondence(enc.z, mask_img, atlas, threshold=cfg.map_threshold, map_rule=cfg.map_rule,
-                              n_null=cfg.n_spatial_null, seed=cfg.seed, fdr_alpha=cfg.fdr_alpha,
-                              stable=stable_atoms(dic, cfg.min_stability))
+                              null=cfg.fbn_null, n_null=cfg.n_spatial_null, n_spins=cfg.n_spins,
+                              seed=cfg.seed, fdr_alpha=cfg.fdr_alpha, min_dice=cfg.min_dice,
+                              stable=stable_atoms(dic, cfg.min_stability), cache=self.cache)
         atlas_meta = {"Atlas": atlas.name, "MapThreshold": cfg.map_threshold, "MapRule": cfg.map_rule,
                       "SpatialNulls": cfg.n_spatial_null, "FDRAlpha": cfg.fdr_alpha,
-                      "MinStability": cfg.min_stability}
+                      "MinStability": cfg.min_stability, **null_meta(corr)}
         writer.write_tsv(corr, self.files.table(ent, atlas.name, "overlap"),
                          {"Description": "Overlap of each atom's thresholded z map (activation: z > "
                           "threshold; deactivation: z < -threshold) with each network.", **atlas_meta,
                           "stable": {"Description": "the atom reproduces over the dictionary's restarts "
                                      "(stability >= MinStability); only stable atoms are linked, and q is "
-                                     "the FDR over their tests (NaN for the others)"}},
+                                     "the FDR over their tests (NaN for the others)"}, **NULL_COLUMNS},
                          sources)
         links = links_table(corr)
         writer.write_tsv(links, self.files.table(ent, atlas.name, "links"),
                          {"Description": "Atom -> network links (FDR-significant overlaps), and so "
-                          "AN sub-group -> network.", **atlas_meta}, sources)
+                          "AN sub-group -> network.", **atlas_meta, **NULL_COLUMNS}, sources)
         summary, per_network = organization_metrics(
             corr, dic.atoms, sub_df, dic.r2, enc.cv_r2, networks=list(atlas.labels),
             eligible=linkable_atoms(corr, dic.n_atoms), n_null=cfg.n_consistency_null, seed=cfg.seed,

@@ -42,6 +42,7 @@ def participant_story_sections(report, result, cfg: Config, writer) -> None:
                                             "dtype") if k in card})
     from dataclasses import replace
 
+    from ..networks.overlap import LINK_COLUMNS
     from .stimulus import neuron_series
 
     rng = np.random.default_rng(0)
@@ -111,9 +112,11 @@ def participant_story_sections(report, result, cfg: Config, writer) -> None:
         sec.figure(fig.correspondence_heatmap(corr), fig.CAPTIONS["correspondence_heatmap"])
         sec.figure(fig.network_involvement_bars(per_network), fig.CAPTIONS["network_involvement_bars"])
         sec.figure(fig.consistency_figure(per_network), fig.CAPTIONS["consistency_figure"])
+        sec.note(f"Spatial null: {corr.attrs.get('null_description', corr['null'].iloc[0])}; a link "
+                 f"needs q < {cfg.fdr_alpha} and Dice >= {corr['min_dice'].iloc[0]:g}.", kind="info")
         links = corr[corr["linked"]]
         if len(links):
-            sec.table(links[["atom", "network", "sign", "dice", "p", "q"]], caption="Links")
+            sec.table(links[LINK_COLUMNS], caption="Links (null: the spatial null that served each)")
         else:
             sec.note("No atom's map overlaps a network beyond the spatial null.", kind="info")
         network_metrics_section(sec, summary, per_network)
