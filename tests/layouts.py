@@ -108,12 +108,24 @@ def confounds_table(n_frames: int, rng: np.random.Generator) -> str:
     for prefix in ("a_comp_cor", "t_comp_cor", "c_comp_cor", "w_comp_cor"):
         for k in range(5 if prefix in ("c_comp_cor", "w_comp_cor") else 3):
             cols[f"{prefix}_{k:02d}"] = list(rng.normal(0, 0.1, n_frames))
+    extra = np.random.default_rng(n_frames)  # its own draws: the other files' data stay as they were
+    for name in ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z"):
+        cols[f"{name}_derivative1_power2"] = list(np.asarray(cols[f"{name}_derivative1"]) ** 2)
+    for k in range(3, 10):
+        cols[f"a_comp_cor_{k:02d}"] = list(extra.normal(0, 0.1, n_frames))
     out = io.StringIO()
     names = list(cols)
     out.write("\t".join(names) + "\n")
     for i in range(n_frames):
         out.write("\t".join("n/a" if np.isnan(cols[c][i]) else f"{cols[c][i]:.6g}" for c in names) + "\n")
     return out.getvalue()
+
+
+def confounds_meta() -> dict:
+    """The confounds JSON: aCompCor components 0-4 of the CSF mask and 5-9 of the WM (nilearn reads it)."""
+    return {f"a_comp_cor_{k:02d}": {"Method": "aCompCor", "Mask": "CSF" if k < 5 else "WM", "Retained": True,
+                                    "VarianceExplained": 0.1, "CumulativeVarianceExplained": 0.1 * (k % 5 + 1)}
+            for k in range(10)}
 
 
 def write_alignment(root: Path, story: str, words: Sequence, align: str) -> Optional[Path]:
@@ -326,7 +338,7 @@ def make_layout(
             if write_confounds:
                 _write_text(dfunc / f"{der_ents}_desc-confounds_{confounds_name}.tsv",
                             confounds_table(confound_frames or n_frames, rng))
-                _write_json(dfunc / f"{der_ents}_desc-confounds_{confounds_name}.json", {})
+                _write_json(dfunc / f"{der_ents}_desc-confounds_{confounds_name}.json", confounds_meta())
     return root
 
 
