@@ -8,7 +8,9 @@ slice-time reference; in the raw dataset: the events.tsv, the story (from
 ``stim_file``), its word timing and the story onset.
 
 Nothing is ever written inside ``bids_dir``: the PyBIDS layouts are built in
-memory (no database) with ``validate=False`` (validation is ``bids.validate``).
+memory with ``validate=False`` (validation is ``bids.validate``), or, with
+``--bids-database-dir``, indexed once into that folder and loaded from it by
+every later process (:func:`saved_layout`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import logging
 import os
 import re
+import time
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
@@ -25,7 +28,7 @@ from typing import Optional
 import numpy as np
 
 from ..config import Config, normalize_labels
-from ..errors import DataError, MissingInputError, NoMatchError, UsageError
+from ..errors import CantCreateError, DataError, IOFailure, MissingInputError, NoMatchError, UsageError
 from ..records import RunInputs, Story
 from .images import check_bold, check_mask
 from .stimuli import load_story, read_events_words, read_gentle_phones
@@ -267,10 +270,68 @@ def _layouts(config: Config):
     if not deriv.is_dir():
         raise MissingInputError(f"fMRIPrep derivatives folder {deriv} does not exist; pass it with "
                                 f"--derivatives")
-    log.info("Indexing %s and %s", bids_dir, deriv)
-    raw = BIDSLayout(bids_dir, validate=False, derivatives=False, database_path=None)
-    der = BIDSLayout(deriv, validate=False, is_derivative=True, database_path=None)
+    db = config.bids_database_dir
+    if db is None:
+        log.info("Indexing %s and %s", bids_dir, deriv)
+    raw = saved_layout(bids_dir, db, "raw", validate=False, derivatives=False)
+    der = saved_layout(deriv, db, "derivatives", validate=False, is_derivative=True)
     return bids_dir, deriv, raw, der
+
+
+#: The PyBIDS index file inside a ``database_path`` folder.
+_DB_FILE = "layout_index.sqlite"
+
+
+def saved_layout(root: Path, database_dir: Optional[Path], name: str, **kwargs):
+    """A PyBIDS layout of ``root``: in memory, or saved under ``database_dir/name`` and reused.
+
+    With ``--bids-database-dir`` the first process indexes ``root`` and saves the
+    index (into a temporary folder renamed into place, under a lock, so that
+    processes started at once index it once and a killed one leaves no half
+    index); every later process loads it instead of indexing again (as fMRIPrep's
+    ``--bids-database-dir``). Nothing is written inside ``root``.
+
+    Raises
+    ------
+    UsageError (64)
+        The saved index is of another dataset folder.
+    CantCreateError (73), IOFailure (74)
+        The folder cannot be created, or locked / written.
+    """
+    import shutil
+    import tempfile
+
+    from bids import BIDSLayout
+
+    if database_dir is None:
+        return BIDSLayout(root, database_path=None, **kwargs)
+    from filelock import FileLock
+
+    database_dir, final = Path(database_dir), Path(database_dir) / name
+    try:
+        database_dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(database_dir / f".{name}.lock")):
+            if not (final / _DB_FILE).is_file():
+                t0 = time.perf_counter()
+                tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=database_dir))
+                BIDSLayout(root, database_path=tmp, **kwargs)
+                if final.exists():  # a folder without an index (emptied by hand): replaced
+                    shutil.rmtree(final)
+                os.rename(tmp, final)
+                log.info("Indexed %s in %.1f s; index saved to %s (reused by later runs)", root,
+                         time.perf_counter() - t0, final)
+    except PermissionError as exc:
+        raise CantCreateError(f"--bids-database-dir {database_dir}: cannot write the PyBIDS index there "
+                              f"({exc.strerror}); give a writable folder") from None
+    except OSError as exc:
+        raise IOFailure(f"--bids-database-dir {database_dir}: {exc.strerror or exc} while saving or locking "
+                        "the PyBIDS index; give a folder on a local file system") from None
+    layout = BIDSLayout(root, database_path=final, **kwargs)  # loads the saved index: no indexing
+    if Path(os.path.realpath(layout.root)) != Path(os.path.realpath(root)):
+        raise UsageError(f"--bids-database-dir {database_dir}: its index {final} is of {layout.root}, not "
+                         f"{root}; give another folder (one per dataset) or delete it to index again")
+    log.info("PyBIDS index of %s loaded from %s", root, final)
+    return layout
 
 
 def _choose(files: list, what: str, key: str) -> Optional[str]:
