@@ -224,19 +224,21 @@ def test_a_participant_with_two_sessions_counts_once(tmp_path):
 
 # ----------------------------------------------------------------------------- --bids-database-dir
 
-NO_INDEXING = """
+COUNT_INDEXING = """
 import sys
 from pathlib import Path
 import bids.layout.index as index
-def refuse(*a, **k):
-    raise SystemExit("indexed again")
-index.BIDSLayoutIndexer.__call__ = refuse
+calls = []
+original = index.BIDSLayoutIndexer.__call__
+def counted(self, layout):
+    calls.append(str(layout.root))
+    return original(self, layout)
+index.BIDSLayoutIndexer.__call__ = counted
 from bids_llm_encode.config import Config
 from bids_llm_encode.bids.inputs import find_runs
-db = Path(sys.argv[2]) if sys.argv[2] else None
 runs = find_runs(Config(bids_dir=Path(sys.argv[1]), output_dir=Path(sys.argv[1]).parent / "out",
-                        analysis_level="participant", bids_database_dir=db))
-print(len(runs))
+                        analysis_level="participant", bids_database_dir=Path(sys.argv[2])))
+print(len(runs), len(calls))
 """
 
 
@@ -244,16 +246,18 @@ def test_database_built_once_and_reused_by_another_process(tmp_path):
     root = make_layout(tmp_path / "ds", subjects=("01", "02"))
     before = tree_checksums(root)
     db = tmp_path / "db"
-    assert len(find_runs(_cfg(root, bids_database_dir=db))) == 2  # builds it
-    assert (db / "raw" / "layout_index.sqlite").is_file() and (db / "derivatives" / "layout_index.sqlite").is_file()
     env = {"PYTHONPATH": f"{REPO}:{REPO / 'tests'}", "PATH": "/usr/bin:/bin",
            "BIDS_LLM_ENCODE_CACHE": str(tmp_path / "cache")}
-    later = subprocess.run([sys.executable, "-c", NO_INDEXING, str(root), str(db)], capture_output=True,
-                           text=True, env=env)
-    assert later.returncode == 0 and later.stdout.split()[-1] == "2", later.stderr[-2000:]
-    plain = subprocess.run([sys.executable, "-c", NO_INDEXING, str(root), ""], capture_output=True,
-                           text=True, env=env)  # the check can fail: without the index it indexes
-    assert plain.returncode != 0 and "indexed again" in plain.stderr
+    # two processes that start at once: the lock lets one index, the other loads what it saved
+    procs = [subprocess.Popen([sys.executable, "-c", COUNT_INDEXING, str(root), str(db)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    results = [p.communicate() for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in results]
+    counts = sorted(tuple(int(x) for x in out.split()[-2:]) for out, _ in results)
+    assert counts == [(2, 0), (2, 2)], counts  # raw + derivatives indexed once, by one of them
+    assert (db / "raw" / "layout_index.sqlite").is_file() and (db / "derivatives" / "layout_index.sqlite").is_file()
+    assert not [p for p in db.iterdir() if p.name.endswith(".tmp")]
+    assert len(find_runs(_cfg(root, bids_database_dir=db))) == 2  # and once more, loaded here
     assert tree_checksums(root) == before  # nothing written inside the dataset
 
 
