@@ -196,8 +196,7 @@ class GroupStory:
                      "combined by fixed effects first (nilearn compute_fixed_effects)", story, n, len(ents))
         sources = [self._map(e, desc=names[0], stat="effect") for e in ents]
 
-        unit_maps = [self._unit_maps(name, brain, mask) for name in names]  # atoms x (effect imgs, z)
-        z_by_atom = [z for _, z in unit_maps]  # atoms x (participants, voxels)
+        z_by_atom: list = [None] * len(names)  # atoms x (participants, voxels), filled atom by atom below
 
         # Group maps per atom: random effects (one-sample over participants) or fixed effects.
         group_z = np.zeros((len(names), int(mask.sum())), dtype=np.float32)
@@ -211,7 +210,7 @@ class GroupStory:
                         "freedom; consider --group-model fixed", story, n, n - 1)
         for k, name in enumerate(names):
             effects = [self._map(e, desc=name, stat="effect") for e in ents]
-            unit_effects = unit_maps[k][0]
+            unit_effects, z_by_atom[k] = self._unit_maps(name, brain, mask)  # one atom's images at a time
             if random_fx:
                 slm = SecondLevelModel(mask_img=brain, smoothing_fwhm=None).fit(
                     unit_effects, design_matrix=design)
