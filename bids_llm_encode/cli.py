@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                    dest="task_label")
     g.add_argument(*_both("bids_filter_file"), type=Path, default=None,
                    help="JSON of PyBIDS filters, as fMRIPrep's (the 'bold' entry is used)")
+    g.add_argument(*_both("bids_database_dir"), type=Path, default=None, metavar="DIR",
+                   help="PyBIDS index of bids_dir and the derivatives: built once (the first process), "
+                   "reused by every later one; delete it after changing the dataset")
     g.add_argument("-d", "--derivatives", type=Path, default=None,
                    help="fMRIPrep outputs (default: bids_dir/derivatives/fmriprep)")
     g.add_argument("--space", default=None, help=f"template space of the inputs (default {d['space'].default})")

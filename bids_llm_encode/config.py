@@ -64,6 +64,7 @@ class Config:
     session_label: list[str] = field(default_factory=list)
     task_label: list[str] = field(default_factory=list)
     bids_filter_file: Optional[Path] = None
+    bids_database_dir: Optional[Path] = None  # PyBIDS index saved once, reused by every process
     derivatives: Optional[Path] = None
     space: str = "MNI152NLin2009cAsym"
     skip_bids_validation: bool = False
@@ -116,7 +117,7 @@ class Config:
     group_model: str = "random"  # random: one-sample t over participants; fixed: Stouffer z
     compare: list[Path] = field(default_factory=list)
 
-    PATH_FIELDS = ("bids_dir", "output_dir", "bids_filter_file", "derivatives", "work_dir",
+    PATH_FIELDS = ("bids_dir", "output_dir", "bids_filter_file", "bids_database_dir", "derivatives", "work_dir",
                    "cache_dir", "config_file", "baseline_regressors")
 
     def validate(self) -> "Config":
@@ -233,6 +234,16 @@ class Config:
         normalize_labels(self.session_label, "ses")
         normalize_labels(self.task_label, "task")
         check_output_location(self.output_dir, self.bids_dir, self.derivatives)
+        if self.bids_database_dir is not None:
+            if not isinstance(self.bids_database_dir, (str, Path)):
+                bad("bids_database_dir", self.bids_database_dir, "must be the path of a folder")
+            self.bids_database_dir = Path(self.bids_database_dir)
+            db, inputs = _real(self.bids_database_dir), [self.bids_dir, self.derivatives]
+            for inp in (_real(i) for i in inputs if i is not None):
+                if db == inp or inp in db.parents:
+                    bad("bids_database_dir", str(self.bids_database_dir),
+                        f"lies inside the input {inp}, which is read only (and would be indexed); give a "
+                        "folder elsewhere, e.g. in --work-dir")
         return self
 
     def resolved(self) -> dict:

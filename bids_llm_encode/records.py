@@ -62,10 +62,13 @@ class Story:
 
 @dataclass(frozen=True)
 class RunInputs:
-    """Everything one BOLD run needs, found by ``bids.inputs``.
+    """Everything one story of one BOLD run needs, found by ``bids.inputs``.
 
-    ``story_onset`` is the scan time (s) at which the audio file starts: the
-    ``onset`` of the first events.tsv row whose ``stim_file`` is that audio.
+    A run that holds several stories (Narratives' task-schema) gives one of
+    these per story, each with its own ``story`` and ``story_onset``; the rest of
+    the run is no input for that story. ``story_onset`` is the scan time (s) at
+    which the audio file starts: the ``onset`` of the first events.tsv row whose
+    ``stim_file`` is that audio.
     Scan time of a word = ``story_onset + story.starts``. Frame ``i`` is
     acquired at ``i * tr + slice_time_ref * tr``.
     """
@@ -94,7 +97,7 @@ class RunInputs:
 
     @property
     def entities(self) -> dict:
-        """BIDS entities that name this run's outputs."""
+        """BIDS entities of the raw run (outputs are named by ``OutputFiles.run_entities``: task = story)."""
         ent = {"subject": self.subject, "task": self.task}
         if self.session:
             ent["session"] = self.session

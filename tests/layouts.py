@@ -63,7 +63,7 @@ def _nifti(path: Path, shape: tuple, zooms: tuple, rng: np.random.Generator, *, 
     affine[:3, 3] = -np.asarray(shape[:3]) * np.asarray(zooms[:3]) / 2
     if mask:
         data = np.zeros(shape, dtype=np.uint8)
-        data[1:3, 1:3, 1:3] = 1
+        data[1:3, 1:3, 1:3, ...] = 1
     else:
         data = (100 + rng.standard_normal(shape)).astype(np.float32)
     img = nib.Nifti1Image(data, affine)
@@ -108,12 +108,24 @@ def confounds_table(n_frames: int, rng: np.random.Generator) -> str:
     for prefix in ("a_comp_cor", "t_comp_cor", "c_comp_cor", "w_comp_cor"):
         for k in range(5 if prefix in ("c_comp_cor", "w_comp_cor") else 3):
             cols[f"{prefix}_{k:02d}"] = list(rng.normal(0, 0.1, n_frames))
+    extra = np.random.default_rng(n_frames)  # its own draws: the other files' data stay as they were
+    for name in ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z"):
+        cols[f"{name}_derivative1_power2"] = list(np.asarray(cols[f"{name}_derivative1"]) ** 2)
+    for k in range(3, 10):
+        cols[f"a_comp_cor_{k:02d}"] = list(extra.normal(0, 0.1, n_frames))
     out = io.StringIO()
     names = list(cols)
     out.write("\t".join(names) + "\n")
     for i in range(n_frames):
         out.write("\t".join("n/a" if np.isnan(cols[c][i]) else f"{cols[c][i]:.6g}" for c in names) + "\n")
     return out.getvalue()
+
+
+def confounds_meta() -> dict:
+    """The confounds JSON: aCompCor components 0-4 of the CSF mask and 5-9 of the WM (nilearn reads it)."""
+    return {f"a_comp_cor_{k:02d}": {"Method": "aCompCor", "Mask": "CSF" if k < 5 else "WM", "Retained": True,
+                                    "VarianceExplained": 0.1, "CumulativeVarianceExplained": 0.1 * (k % 5 + 1)}
+            for k in range(10)}
 
 
 def write_alignment(root: Path, story: str, words: Sequence, align: str) -> Optional[Path]:
@@ -195,6 +207,9 @@ def make_layout(
     write_mask: bool = True,
     write_confounds: bool = True,
     seed: int = 0,
+    extra_stories: Sequence[tuple[str, float]] = (),
+    echoes: int = 0,
+    mask_4d: bool = False,
 ) -> Path:
     """Write a small raw BIDS dataset with fMRIPrep derivatives under ``root``.
 
@@ -225,6 +240,15 @@ def make_layout(
         (e.g. with real Narratives files).
     derivatives, deriv_subjects, write_mask, write_confounds
         Switch parts of the derivatives off to build missing-input cases.
+    extra_stories : sequence of (story, onset)
+        More stories in the same run (Narratives' task-schema): each gets its own alignment
+        (``story_words``), WAV and events row at ``onset``, after a movie row whose
+        ``stim_file`` is ``n/a``.
+    echoes : int
+        > 0: a multi-echo run: raw ``echo-<e>`` BOLD files, and in the derivatives the
+        optimally combined ``desc-preproc_bold`` (no echo) beside single-echo ones.
+    mask_4d : bool
+        Brain masks of shape (x, y, z, 1).
 
     Returns
     -------
@@ -248,6 +272,10 @@ def make_layout(
         if not (root / "stimuli" / stim_file).exists():
             _wav(root / "stimuli" / stim_file)
     write_alignment(root, story, story_words, align)
+    for extra, _ in extra_stories:
+        write_alignment(root, extra, story_words, align)
+        if not (root / "stimuli" / f"{extra}_audio.wav").exists():
+            _wav(root / "stimuli" / f"{extra}_audio.wav")
 
     if events_text is None:
         rows = ["onset\tduration\ttrial_type\tstim_file\tword"]
@@ -255,6 +283,9 @@ def make_layout(
             rows.append(f"0.0\t{music_s}\tmusic\t{stim_file}\tn/a")
         last = max((e for *_, e in story_words if e is not None), default=1.0)
         rows.append(f"{story_onset}\t{last:.3f}\tstory\t{stim_file}\tn/a")
+        for extra, onset in extra_stories:
+            rows.append(f"{onset - 4.0}\t4.0\tmovie\tn/a\tn/a")
+            rows.append(f"{onset}\t{last:.3f}\tstory\t{extra}_audio.wav\tn/a")
         if align == "events":
             for w, _, s, e in story_words:
                 if s is not None:
@@ -280,10 +311,13 @@ def make_layout(
             raw_ents = ents + (f"_run-{run:02d}" if run is not None else "")
             der_ents = ents + (f"_run-{run}" if run is not None else "")
             func = root / f"sub-{sub}" / ses_dir / "func"
-            _nifti(func / f"{raw_ents}_bold.nii.gz", shape, (3.0, 3.0, 3.0, tr), rng)
-            _write_json(func / f"{raw_ents}_bold.json",
-                        raw_sidecar if raw_sidecar is not None
-                        else {"RepetitionTime": tr, "TaskName": task})
+            for e in (range(1, echoes + 1) if echoes else [None]):
+                echo = f"_echo-{e}" if e else ""
+                _nifti(func / f"{raw_ents}{echo}_bold.nii.gz", shape, (3.0, 3.0, 3.0, tr), rng)
+                _write_json(func / f"{raw_ents}{echo}_bold.json",
+                            raw_sidecar if raw_sidecar is not None
+                            else {"RepetitionTime": tr, "TaskName": task,
+                                  **({"EchoTime": 0.012 * e} if e else {})})
             _write_text(func / f"{raw_ents}_events.tsv", events_text)
             if not derivatives or (deriv_subjects is not None and sub not in deriv_subjects):
                 continue
@@ -294,13 +328,17 @@ def make_layout(
                 _write_json(dfunc / f"{der_ents}{sp}_desc-preproc_bold.json",
                             {"RepetitionTime": tr, "TaskName": task, "SkullStripped": False,
                              **(deriv_sidecar or {})})
+                for e in range(1, echoes + 1):  # fMRIPrep --me-output-echos: never the one to use
+                    _nifti(dfunc / f"{der_ents}_echo-{e}{sp}_desc-preproc_bold.nii.gz", shape,
+                           (2.0, 2.0, 2.0, tr), rng)
                 if write_mask:
-                    _nifti(dfunc / f"{der_ents}{sp}_desc-brain_mask.nii.gz", shape[:3], (2.0, 2.0, 2.0),
-                           rng, mask=True)
+                    _nifti(dfunc / f"{der_ents}{sp}_desc-brain_mask.nii.gz",
+                           (*shape[:3], 1) if mask_4d else shape[:3],
+                           (2.0, 2.0, 2.0, 1.0) if mask_4d else (2.0, 2.0, 2.0), rng, mask=True)
             if write_confounds:
                 _write_text(dfunc / f"{der_ents}_desc-confounds_{confounds_name}.tsv",
                             confounds_table(confound_frames or n_frames, rng))
-                _write_json(dfunc / f"{der_ents}_desc-confounds_{confounds_name}.json", {})
+                _write_json(dfunc / f"{der_ents}_desc-confounds_{confounds_name}.json", confounds_meta())
     return root
 
 

@@ -529,6 +529,10 @@ def test_group_level_after_an_interrupted_participant_exit_66(tmp_path, capsys, 
     files = ParticipantFiles(w, cfg.space)
     w.write_tsv(pd.DataFrame({"session": ["n/a"], "task": ["pieman"], "story": ["pieman"]}),
                 files.summary("01"), {"Description": "runs"})
+    # a completion record as if the files below were lost after the run (a killed run has none:
+    # tests/test_layouts.py); the group level still checks every file it reads
+    w.write_json({"participant": "01", "model": cfg.model, "stories": [{"story": "pieman", "session": None}]},
+                 files.completion("01"))
     ent = {"sub": "01", "task": "pieman"}
     if killed_in == "maps":
         w.write_tsv(pd.DataFrame({"time": [0.0], "atom00": [1.0], "atom01": [0.5]}),

@@ -207,6 +207,8 @@ def _group_outputs(tmp_path):
     files = OutputFiles(w, cfg.space)
     w.write_tsv(pd.DataFrame({"session": ["n/a"], "task": ["pieman"], "story": ["pieman"]}),
                 files.summary("01"), {"Description": "runs"})
+    w.write_json({"participant": "01", "model": cfg.model, "stories": [{"story": "pieman", "session": None}]},
+                 files.completion("01"))  # the participant run finished
     w.write_tsv(pd.DataFrame({"time": [0.0], "atom00": [1.0], "atom01": [0.5]}),
                 files.story("pieman", "smollm2-135m", "atoms"), {"Description": "atoms"})
     w.write_json({"dictionary_r2": 0.5}, files.story("pieman", "smollm2-135m", "modelcard"))

@@ -8,7 +8,9 @@ slice-time reference; in the raw dataset: the events.tsv, the story (from
 ``stim_file``), its word timing and the story onset.
 
 Nothing is ever written inside ``bids_dir``: the PyBIDS layouts are built in
-memory (no database) with ``validate=False`` (validation is ``bids.validate``).
+memory with ``validate=False`` (validation is ``bids.validate``), or, with
+``--bids-database-dir``, indexed once into that folder and loaded from it by
+every later process (:func:`saved_layout`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import json
 import logging
 import os
 import re
+import time
+from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from typing import Optional
@@ -24,7 +28,7 @@ from typing import Optional
 import numpy as np
 
 from ..config import Config, normalize_labels
-from ..errors import DataError, MissingInputError, NoMatchError, UsageError
+from ..errors import CantCreateError, DataError, IOFailure, MissingInputError, NoMatchError, UsageError
 from ..records import RunInputs, Story
 from .images import check_bold, check_mask
 from .stimuli import load_story, read_events_words, read_gentle_phones
@@ -35,7 +39,9 @@ log = logging.getLogger(__name__)
 __all__ = ["normalize_labels", "find_runs", "run_summary", "load_filters", "story_name",
            "timing_candidates", "stim_path", "check_run_baselines"]
 
-_ENTITIES_MATCHED = ("subject", "session", "task", "run", "acquisition", "echo", "direction",
+#: Entities a raw BOLD and its fMRIPrep outputs share. Not ``echo``: fMRIPrep's ``desc-preproc_bold``
+#: of a multi-echo run is the optimally combined series, without an echo entity.
+_ENTITIES_MATCHED = ("subject", "session", "task", "run", "acquisition", "direction",
                      "reconstruction", "ceagent")
 
 
@@ -158,10 +164,13 @@ def _with_phones(story: Story, timing: Path) -> Story:
 
 
 def _story_from_events(events: Path, bids_dir: Path, task: str,
-                       want_phones: bool = False) -> tuple[Story, float, str]:
-    """The story of a run, its audio-onset in scan time and its ``stim_file``.
+                       want_phones: bool = False) -> list[tuple[Story, float, str]]:
+    """Every story of a run: (story, its audio onset in scan time, its ``stim_file``), in onset order.
 
-    ``want_phones``: also read the phones of an ``align.json`` beside the ``align.csv``.
+    Each distinct ``stim_file`` of the events file is one story (Narratives' task-schema runs hold
+    two, ``friends_audio.wav`` and ``bigbang_audio.wav``); its onset is the ``onset`` of the first
+    row naming it. Rows whose ``stim_file`` is ``n/a`` (movie, music segments) are no story: they
+    get no input. ``want_phones``: also read the phones of an ``align.json`` beside the ``align.csv``.
     """
     header, rows = _read_events(events)
     col = {c: i for i, c in enumerate(header)}
@@ -180,19 +189,29 @@ def _story_from_events(events: Path, bids_dir: Path, task: str,
                 f"{events}: no stim_file column/values and no word rows; cannot tell which story was heard "
                 f"nor when its words were spoken")
         log.info("%s: %d words from events.tsv word rows (scan-relative times)", events, story.n_words)
-        return story, 0.0, ""
+        return [(story, 0.0, "")]
     distinct = list(dict.fromkeys(s[1] for s in stims))
     if len(distinct) > 1:
-        story_rows = [s for s in stims if s[3] == "story"]
-        chosen = (story_rows or stims)[0][1]
-        log.warning("%s: several stim_files %s; using %s", events, distinct, chosen)
-    else:
-        chosen = distinct[0]
-    lineno, sf, onset_s, _ = next(s for s in stims if s[1] == chosen)
-    try:
-        onset = float(onset_s)
-    except ValueError:
-        raise DataError(f"{events}, line {lineno}: onset {onset_s!r} is not a number") from None
+        log.info("%s: %d stories in one run (%s); each is analysed with its own atoms at its own onset, "
+                 "the rest of the run is no input for it", events, len(distinct), ", ".join(distinct))
+    out = []
+    for sf in distinct:
+        lineno, _, onset_s, _ = next(s for s in stims if s[1] == sf)
+        try:
+            onset = float(onset_s)
+        except ValueError:
+            raise DataError(f"{events}, line {lineno}: onset {onset_s!r} is not a number") from None
+        out.append(_story_timing(events, bids_dir, sf, onset, want_phones, several=len(distinct) > 1))
+    names = [o[0].name for o in out]
+    if len(set(names)) < len(names):
+        raise DataError(f"{events}: stim_files {distinct} give the same story name twice ({names}); "
+                        "each story of a run needs its own name (the stim_file without _audio.wav)")
+    return sorted(out, key=lambda o: o[1])
+
+
+def _story_timing(events: Path, bids_dir: Path, sf: str, onset: float, want_phones: bool,
+                  several: bool) -> tuple[Story, float, str]:
+    """The word timing of the story whose audio is ``sf``; word rows only when the run has one story."""
     name = story_name(sf)
     tried = timing_candidates(bids_dir, name, sf)
     for cand in tried:
@@ -203,15 +222,15 @@ def _story_from_events(events: Path, bids_dir: Path, task: str,
             log.info("Story %s: %d words (%d unaligned) from %s; audio starts at %.3f s",
                      name, story.n_words, story.n_unaligned, cand, onset)
             return story, onset, sf
-    words = read_events_words(events, name)
+    words = None if several else read_events_words(events, name)
     if words is not None:
         log.info("Story %s: %d words from events.tsv word rows", name, words.n_words)
         return words, 0.0, sf
-    tried_txt = "\n  ".join(str(p) for p in [*tried, events])
+    tried_txt = "\n  ".join(str(p) for p in [*tried, *([] if several else [events])])
+    rows = "" if several else "(the last one for word rows: a 'word' column or trial_type 'word'). "
     raise MissingInputError(
         f"no word timing for story {name!r} (stim_file {sf!r} in {events}); tried:\n  {tried_txt}\n"
-        f"(the last one for word rows: a 'word' column or trial_type 'word'). Add a Gentle alignment "
-        f"or a TextGrid at one of these paths.")
+        f"{rows}Add a Gentle alignment or a TextGrid at one of these paths.")
 
 
 def _slice_time_ref(meta: dict, tr: float, where: Optional[Path] = None) -> float:
@@ -255,10 +274,68 @@ def _layouts(config: Config):
     if not deriv.is_dir():
         raise MissingInputError(f"fMRIPrep derivatives folder {deriv} does not exist; pass it with "
                                 f"--derivatives")
-    log.info("Indexing %s and %s", bids_dir, deriv)
-    raw = BIDSLayout(bids_dir, validate=False, derivatives=False, database_path=None)
-    der = BIDSLayout(deriv, validate=False, is_derivative=True, database_path=None)
+    db = config.bids_database_dir
+    if db is None:
+        log.info("Indexing %s and %s", bids_dir, deriv)
+    raw = saved_layout(bids_dir, db, "raw", validate=False, derivatives=False)
+    der = saved_layout(deriv, db, "derivatives", validate=False, is_derivative=True)
     return bids_dir, deriv, raw, der
+
+
+#: The PyBIDS index file inside a ``database_path`` folder.
+_DB_FILE = "layout_index.sqlite"
+
+
+def saved_layout(root: Path, database_dir: Optional[Path], name: str, **kwargs):
+    """A PyBIDS layout of ``root``: in memory, or saved under ``database_dir/name`` and reused.
+
+    With ``--bids-database-dir`` the first process indexes ``root`` and saves the
+    index (into a temporary folder renamed into place, under a lock, so that
+    processes started at once index it once and a killed one leaves no half
+    index); every later process loads it instead of indexing again (as fMRIPrep's
+    ``--bids-database-dir``). Nothing is written inside ``root``.
+
+    Raises
+    ------
+    UsageError (64)
+        The saved index is of another dataset folder.
+    CantCreateError (73), IOFailure (74)
+        The folder cannot be created, or locked / written.
+    """
+    import shutil
+    import tempfile
+
+    from bids import BIDSLayout
+
+    if database_dir is None:
+        return BIDSLayout(root, database_path=None, **kwargs)
+    from filelock import FileLock
+
+    database_dir, final = Path(database_dir), Path(database_dir) / name
+    try:
+        database_dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(database_dir / f".{name}.lock")):
+            if not (final / _DB_FILE).is_file():
+                t0 = time.perf_counter()
+                tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=database_dir))
+                BIDSLayout(root, database_path=tmp, **kwargs)
+                if final.exists():  # a folder without an index (emptied by hand): replaced
+                    shutil.rmtree(final)
+                os.rename(tmp, final)
+                log.info("Indexed %s in %.1f s; index saved to %s (reused by later runs)", root,
+                         time.perf_counter() - t0, final)
+    except PermissionError as exc:
+        raise CantCreateError(f"--bids-database-dir {database_dir}: cannot write the PyBIDS index there "
+                              f"({exc.strerror}); give a writable folder") from None
+    except OSError as exc:
+        raise IOFailure(f"--bids-database-dir {database_dir}: {exc.strerror or exc} while saving or locking "
+                        "the PyBIDS index; give a folder on a local file system") from None
+    layout = BIDSLayout(root, database_path=final, **kwargs)  # loads the saved index: no indexing
+    if Path(os.path.realpath(layout.root)) != Path(os.path.realpath(root)):
+        raise UsageError(f"--bids-database-dir {database_dir}: its index {final} is of {layout.root}, not "
+                         f"{root}; give another folder (one per dataset) or delete it to index again")
+    log.info("PyBIDS index of %s loaded from %s", root, final)
+    return layout
 
 
 def _choose(files: list, what: str, key: str) -> Optional[str]:
@@ -286,7 +363,9 @@ def find_runs(config: Config) -> list[RunInputs]:
     Returns
     -------
     list of RunInputs
-        Sorted by subject, session, task, run.
+        One per (run, story): a run whose events name several stories (``stim_file``
+        values) gives one per story, each with that story's onset. Sorted by subject,
+        session, task, run, story onset. A multi-echo run is one run (the combined series).
 
     Raises
     ------
@@ -353,20 +432,33 @@ def find_runs(config: Config) -> list[RunInputs]:
         raise MissingInputError(f"no fMRIPrep derivatives for participant(s) "
                                 f"{', '.join('sub-' + s for s in lacking)} in {deriv}")
 
-    runs, seen, dupes = [], {}, []
+    runs, seen, dupes, echoes = [], {}, [], defaultdict(list)
     for bold in sorted(bolds, key=lambda f: (len(Path(f.path).parts), f.path)):
         real = os.path.realpath(bold.path)  # one file reached through links (a cycle) counts once
         if real in seen:
             dupes.append(bold.path)
             continue
         seen[real] = bold.path
-        runs.append(_run_inputs(bold, raw, der, bids_dir, deriv, config.space, want_phones))
+        ents = bold.get_entities()
+        if "echo" in ents:  # multi-echo: one run, fMRIPrep's optimally combined series
+            key = tuple(str(ents.get(k)) for k in _ENTITIES_MATCHED)
+            echoes[key].append(Path(bold.path).name)
+            if len(echoes[key]) > 1:
+                continue
+        runs.extend(_run_inputs(bold, raw, der, bids_dir, deriv, config.space, want_phones))
+    for names in echoes.values():
+        log.info("multi-echo run (%d echo file(s): %s): using fMRIPrep's optimally combined "
+                 "desc-preproc_bold (no echo entity); the single echoes are ignored", len(names),
+                 ", ".join(names))
     if dupes:
         log.warning("%d BOLD path(s) lead to files already found (symbolic links, e.g. a link to a "
                     "parent folder); each file is counted once: %s", len(dupes),
                     ", ".join(sorted(dupes)[:3]) + (" ..." if len(dupes) > 3 else ""))
-    runs.sort(key=lambda r: (r.subject, r.session or "", r.task, -1 if r.run is None else r.run))
-    log.info("Found %d BOLD run(s) for %d participant(s)", len(runs), len(selected_subjects))
+    runs.sort(key=lambda r: (r.subject, r.session or "", r.task, -1 if r.run is None else r.run,
+                             r.story_onset))
+    n_bold = len({r.bold for r in runs})
+    log.info("Found %d BOLD run(s) for %d participant(s)%s", n_bold, len(selected_subjects),
+             f"; {len(runs)} story segment(s) (runs with several stories)" if len(runs) > n_bold else "")
     check_run_baselines(runs, config)
     return runs
 
@@ -391,12 +483,19 @@ def check_run_baselines(runs: list[RunInputs], config: Config) -> None:
 
 
 def _run_inputs(bold, raw, der, bids_dir: Path, deriv: Path, space: str,
-                want_phones: bool = False) -> RunInputs:
+                want_phones: bool = False) -> list[RunInputs]:
+    """The inputs of one BOLD run: one :class:`RunInputs` per story the run holds (in onset order)."""
     from bids.layout import Query
 
     ents = bold.get_entities()
     match = {k: (ents[k] if k in ents else Query.NONE) for k in _ENTITIES_MATCHED}
+    match["echo"] = Query.NONE  # the combined series of a multi-echo run; single echoes are not used
     key = Path(bold.path).name
+    single = der.get(**dict(match, echo=Query.REQUIRED), space=space, desc="preproc", suffix="bold",
+                     extension=[".nii.gz", ".nii"])
+    if single:
+        log.info("%s: %d single-echo desc-preproc_bold file(s) ignored (%s); the optimally combined "
+                 "series is used", key, len(single), ", ".join(sorted(Path(f.path).name for f in single)))
     pre = der.get(**match, space=space, desc="preproc", suffix="bold", extension=[".nii.gz", ".nii"])
     preproc = _choose(pre, f"preprocessed BOLD files in space {space}", key)
     if preproc is None:
@@ -447,18 +546,18 @@ def _run_inputs(bold, raw, der, bids_dir: Path, deriv: Path, space: str,
         events_path = near if near else None
     if events_path is None:
         raise MissingInputError(f"no events.tsv for {bold.path} (needed for the story and its onset)")
-    story, onset, stim_file = _story_from_events(Path(events_path), bids_dir, str(ents["task"]),
-                                                 want_phones)
+    stories = _story_from_events(Path(events_path), bids_dir, str(ents["task"]), want_phones)
 
     run = ents.get("run")
-    return RunInputs(
+    raw_json = Path(bold.path.split(".")[0] + ".json")
+    return [RunInputs(
         subject=str(ents["subject"]), session=ents.get("session"), task=str(ents["task"]),
         run=int(run) if run is not None else None, bold=Path(preproc), mask=Path(mask),
         confounds=Path(confounds), bold_json=der_json if der_json.is_file() else (
-            Path(bold.path.split(".")[0] + ".json") if Path(bold.path.split(".")[0] + ".json").is_file()
-            else None),
+            raw_json if raw_json.is_file() else None),
         events=Path(events_path), raw_bold=Path(bold.path), tr=float(tr), n_frames=n_frames,
         slice_time_ref=float(stref), story=story, story_onset=float(onset), stim_file=stim_file)
+        for story, onset, stim_file in stories]
 
 
 def run_summary(run: RunInputs) -> dict:

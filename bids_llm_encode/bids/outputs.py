@@ -892,9 +892,38 @@ class OutputFiles:
     def __init__(self, writer: DerivativesWriter, space: str):
         self.writer, self.space = writer, space
 
+    # entities: the story names a participant's per-story outputs
+    @staticmethod
+    def story_entities(subject: str, session: Optional[str], story: str) -> dict:
+        """Entities of one participant's outputs of one story: sub, [ses,] ``task-<story>``.
+
+        The ``task`` entity holds the **story** (letters and digits of its name), not the
+        BIDS task label: a run may hold several stories (Narratives' task-schema) and a
+        task may hold several, each analysed with its own atoms; the story is the unit
+        that names the files, as at the group level. The tasks are in the sidecars.
+        """
+        ent = {"sub": subject, "task": label(story)}
+        if session:
+            ent["ses"] = session
+        if not ent["task"]:
+            raise ValueError(f"story {story!r} has no letters or digits to name its outputs")
+        return ent
+
+    @classmethod
+    def run_entities(cls, run) -> dict:
+        """Entities of one run's per-story outputs (the design tables): :meth:`story_entities` + run."""
+        ent = cls.story_entities(run.subject, run.session, run.story.name)
+        if run.run is not None:
+            ent["run"] = run.run
+        return ent
+
     # participant level: output_dir/sub-X/[ses-Y/]func/
     def summary(self, subject: str) -> Path:
         return self.writer.path({"sub": subject, "desc": "runs"}, "summary", ".tsv")
+
+    def completion(self, subject: str) -> Path:
+        """``sub-X/sub-X_completion.json``: written last by a participant run that finished."""
+        return self.writer.path({"sub": subject}, "completion", ".json", datatype=None)
 
     def design(self, run_entities: dict, desc: str = "atoms") -> Path:
         """``desc`` atoms (the atoms' time courses) or baselines (the low-level regressors)."""

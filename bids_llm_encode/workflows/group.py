@@ -24,36 +24,59 @@ from ..bids.outputs import DerivativesWriter, OutputFiles, label, model_label
 from ..cache import Cache, cache_root
 from ..config import Config, normalize_labels
 from ..encoding.stats import MIN_CEILING, ceiling_fraction
-from ..errors import MissingInputError, NoMatchError
+from ..errors import DataError, MissingInputError, NoMatchError
 from ..bids.images import check_image, load_image, load_mask, unmask
 from ..bids.tables import read_json, read_tsv
 
 log = logging.getLogger(__name__)
 
 
-def _participant_stories(writer: DerivativesWriter, config: Config) -> dict[str, list[dict]]:
-    """story -> entities (sub, ses, task) of every participant output found, from the run summaries."""
+def _participant_stories(writer: DerivativesWriter, config: Config) -> tuple[dict[str, list[dict]], list[str]]:
+    """story -> entities (sub, [ses,] task-<story>) of every complete participant output, and the skipped.
+
+    A participant counts only with its completion record (``sub-X/sub-X_completion.json``,
+    written last by a participant run that finished) made with this ``--model``; the others
+    are listed, each with why, in the second value (and logged).
+    """
     out: dict[str, list[dict]] = defaultdict(list)
+    skipped: list[str] = []
     wanted = set(normalize_labels(config.participant_label, "sub"))  # labels or a file of labels
+    files = OutputFiles(writer, config.space)
     for folder in sorted(writer.output_dir.glob("sub-*")):
         if not folder.is_dir():
             continue
         sub = folder.name[4:]
         if wanted and sub not in wanted:
             continue
-        summary = OutputFiles(writer, config.space).summary(sub)
-        if not summary.exists():
-            log.warning("sub-%s: no run summary (%s); skipped", sub, summary.name)
+        record = files.completion(sub)
+        why = None
+        if not record.exists():
+            why = (f"no completion record ({record.name}): its participant run did not finish (or "
+                   "failed, or is still running); rerun the participant level for it")
+        else:
+            try:
+                data = read_json(record, "completion record")
+                stories = data["stories"] if isinstance(data, dict) else None
+                if not isinstance(stories, list):
+                    raise DataError(f"{record}: no 'stories' list")
+            except (DataError, KeyError) as exc:
+                why = f"unreadable completion record ({exc}); rerun the participant level for it"
+            else:
+                if data.get("model") != config.model:
+                    why = (f"made with --model {data.get('model')}, not {config.model}; give the model "
+                           "the participant level used")
+        if why:
+            skipped.append(f"sub-{sub}: {why}")
+            log.warning("group: sub-%s skipped: %s", sub, why)
             continue
-        df = read_tsv(summary, "run summary", required=("session", "task", "story"), strings=True,
-                      quoted=True)  # a broken table: exit 65 naming it
-        for (ses, task, story), _ in df.groupby(["session", "task", "story"], sort=True):
-            ent = {"sub": sub, "task": task}
-            if ses not in ("", "n/a", "None"):
-                ent["ses"] = ses
+        for entry in stories:
+            story = entry.get("story") if isinstance(entry, dict) else None
+            if not story:
+                continue
+            ent = OutputFiles.story_entities(sub, entry.get("session"), story)
             if ent not in out[story]:
                 out[story].append(ent)
-    return out
+    return out, skipped
 
 
 def run_group_level(config: Config) -> None:
@@ -69,13 +92,22 @@ def run_group_level(config: Config) -> None:
     writer = DerivativesWriter(config.output_dir, config)
     writer.remove_temps(writer.output_dir / "group")  # leftovers of a killed group run
     writer.write_config(config.resolved(), "group")
-    stories = _participant_stories(writer, config)
+    stories, incomplete = _participant_stories(writer, config)
+    if not stories and incomplete:
+        raise MissingInputError(f"{config.output_dir}: no participant is complete; skipped:\n  "
+                                + "\n  ".join(incomplete))
     if not stories:
         raise NoMatchError(f"{config.output_dir}: no participant outputs found"
                            + (f" for {config.participant_label}" if config.participant_label else ""))
+    if incomplete:
+        log.warning("group: %d participant(s) skipped (incomplete):\n  %s", len(incomplete),
+                    "\n  ".join(incomplete))
     from ..report.html import Report
 
     report = Report("Group report", subtitle=f"model {config.model} · {len(stories)} story(ies)")
+    if incomplete:
+        report.add_section("Participants skipped", anchor="skipped").note(
+            "Not in the group results (no complete participant run): " + "; ".join(incomplete), kind="warning")
     all_metrics = {}
     skipped = []
     for story, entities in sorted(stories.items()):
@@ -151,14 +183,21 @@ class GroupStory:
         if not ents:
             raise MissingInputError(f"story {story}: no participant has complete atom maps in "
                                     f"{writer.output_dir}; run (or rerun) the participant level first")
-        masks = [self._load(self.files.fdr_mask(e), e)[1] for e in ents]
+        # The participant is the unit: its sessions' maps of the story are combined first (fixed effects)
+        units: dict[str, list[dict]] = defaultdict(list)
+        for e in ents:
+            units[e["sub"]].append(e)
+        self.units = dict(sorted(units.items()))
+        subs = list(self.units)
         brain = self._group_mask(ents)
         mask = np.asarray(brain.dataobj) > 0
-        n = len(ents)
+        n = len(subs)
+        if n < len(ents):
+            log.info("story %s: %d participant(s) with %d session output(s); each participant's sessions "
+                     "combined by fixed effects first (nilearn compute_fixed_effects)", story, n, len(ents))
         sources = [self._map(e, desc=names[0], stat="effect") for e in ents]
 
-        z_by_atom = [np.stack([self._load(self._map(e, desc=name, stat="z"), e)[1][mask]
-                               for e in ents]) for name in names]  # atoms x (participants, voxels)
+        z_by_atom: list = [None] * len(names)  # atoms x (participants, voxels), filled atom by atom below
 
         # Group maps per atom: random effects (one-sample over participants) or fixed effects.
         group_z = np.zeros((len(names), int(mask.sum())), dtype=np.float32)
@@ -172,16 +211,17 @@ class GroupStory:
                         "freedom; consider --group-model fixed", story, n, n - 1)
         for k, name in enumerate(names):
             effects = [self._map(e, desc=name, stat="effect") for e in ents]
+            unit_effects, z_by_atom[k] = self._unit_maps(name, brain, mask)  # one atom's images at a time
             if random_fx:
                 slm = SecondLevelModel(mask_img=brain, smoothing_fwhm=None).fit(
-                    [str(f) for f in effects], design_matrix=design)
+                    unit_effects, design_matrix=design)
                 maps = slm.compute_contrast("intercept", output_type="all")
                 z_img, eff_img = maps["z_score"], maps["effect_size"]
                 how = (f"one-sample test over {n} participants (nilearn SecondLevelModel, "
                        "intercept): random effects")
             else:
                 zs = z_by_atom[k]
-                effs = np.stack([self._load(f, e)[1][mask] for f, e in zip(effects, ents)])
+                effs = np.stack([np.asarray(img.dataobj)[mask] for img in unit_effects])
                 z_img = unmask(zs.sum(0) / np.sqrt(n), brain)
                 eff_img = unmask(effs.mean(0), brain)
                 how = (f"Stouffer's z over {n} participants' z maps (sum / sqrt(n)) and the mean "
@@ -190,12 +230,13 @@ class GroupStory:
             for stat, img in (("z", z_img), ("effect", eff_img)):
                 writer.write_nifti(img, self.files.group_statmap(story, name, stat),
                     {"Description": f"Group {stat} map of atom {k}: {how}.", "GroupModel":
-                     "random" if random_fx else "fixed", "Participants": [e["sub"] for e in ents]},
-                    effects)
+                     "random" if random_fx else "fixed", "Participants": subs,
+                     "SessionsCombined": "fixed effects (nilearn compute_fixed_effects, precision-weighted) "
+                     "within a participant, before the group model"}, effects)
 
-        cv_r2 = np.stack([self._load(self._map(e, desc="cv", stat="rsquared"), e)[1][mask] for e in ents])
+        cv_r2 = self._unit_mean(lambda e: self._load(self._map(e, desc="cv", stat="rsquared"), e)[1][mask])
         mean_r2 = cv_r2.mean(axis=0)
-        sig_frac = np.mean([m[mask] > 0 for m in masks], axis=0)
+        sig_frac = self._unit_mean(lambda e: self._load(self.files.fdr_mask(e), e)[1][mask] > 0).mean(axis=0)
         writer.write_nifti(unmask(sig_frac, brain), self.files.group_statmap(story, "cvfdr", "fraction"),
             {"Description": "Fraction of participants whose CV r is FDR-significant in each voxel."},
             [self.files.fdr_mask(e) for e in ents])
@@ -203,8 +244,8 @@ class GroupStory:
         isc = self._isc_ceiling(ents, brain, mask)
         ceiling_info = {}
         if isc is not None:
-            cv_r = np.stack([self._load(self._map(e, desc="cv", stat="r"), e)[1][mask]
-                             for e in ents]).mean(axis=0)
+            cv_r = self._unit_mean(lambda e: self._load(self._map(e, desc="cv", stat="r"), e)[1][mask]
+                                   ).mean(axis=0)
             frac = ceiling_fraction(cv_r, isc)
             for desc, stat, values, text in (
                     ("isc", "r", isc, "Group noise ceiling: leave-one-participant-out inter-subject "
@@ -213,7 +254,7 @@ class GroupStory:
                      f"ceiling, where the ceiling is at least {MIN_CEILING} (0 elsewhere).")):
                 writer.write_nifti(unmask(np.nan_to_num(values), brain),
                                    self.files.group_statmap(story, desc, stat),
-                                   {"Description": text, "Participants": [e["sub"] for e in ents]}, sources)
+                                   {"Description": text, "Participants": subs}, sources)
             ceiling_info = {"median ISC ceiling": round(float(np.median(isc)), 3),
                             f"median CV r / ISC (ISC >= {MIN_CEILING})": round(float(np.nanmedian(frac)), 3)}
 
@@ -238,11 +279,7 @@ class GroupStory:
                                   seed=cfg.seed, fdr_alpha=cfg.fdr_alpha, min_dice=cfg.min_dice,
                                   stable=stable, cache=self.cache)
             links = links_table(corr)
-            tables = []
-            for e in ents:
-                f = self.files.table(e, atlas.name, "overlap")
-                if f.exists():
-                    tables.append(read_tsv(f, "overlap table", quoted=True))
+            tables = self._unit_tables(atlas.name)
             agreement = link_agreement(tables) if tables else pd.DataFrame()
             if len(agreement):
                 agreement = agreement.merge(corr[["atom", "network", "sign", "linked"]].rename(
@@ -299,6 +336,9 @@ class GroupStory:
             network_metrics_section(sec, summary, per_network)
         return metrics_out
 
+    def _sessions(self, ent: dict) -> int:
+        return sum(e["sub"] == ent["sub"] for e in self.entities)
+
     def _hint(self, ent: dict) -> str:
         return f"Rerun the participant level for sub-{ent['sub']} into {self.writer.output_dir}."
 
@@ -306,9 +346,55 @@ class GroupStory:
         """A participant map through the checked reader (a read error is exit 65 naming it)."""
         return load_image(path, "participant map", (3,), self._hint(ent))
 
+    def _unit_maps(self, name: str, brain, mask: np.ndarray) -> tuple[list, np.ndarray]:
+        """Per participant, atom ``name``'s effect image and z (voxels of ``mask``).
+
+        One session: its maps. Several: fixed effects over them (nilearn
+        ``compute_fixed_effects``, precision-weighted by the variance maps), so that
+        each participant contributes one map (no pseudo-replication in the group test).
+        """
+        from nilearn.glm import compute_fixed_effects
+
+        effects, zs = [], []
+        for members in self.units.values():
+            if len(members) == 1:
+                e = members[0]
+                img, data = self._load(self._map(e, desc=name, stat="effect"), e)
+                effects.append(nib.Nifti1Image(np.asarray(data, dtype=np.float32), img.affine))
+                zs.append(self._load(self._map(e, desc=name, stat="z"), e)[1][mask])
+                continue
+            con = [self._load(self._map(e, desc=name, stat="effect"), e)[0] for e in members]
+            var = [self._load(self._map(e, desc=name, stat="variance"), e)[0] for e in members]
+            eff_img, _, _, z_img = compute_fixed_effects(con, var, mask=brain, precision_weighted=True)
+            effects.append(unmask(np.asarray(eff_img.dataobj)[mask], brain))
+            zs.append(np.nan_to_num(np.asarray(z_img.dataobj)[mask]))
+        return effects, np.stack(zs)
+
+    def _unit_mean(self, read) -> np.ndarray:
+        """(participants, voxels): ``read(entities)`` averaged over each participant's sessions."""
+        return np.stack([np.mean([read(e) for e in members], axis=0) for members in self.units.values()])
+
+    def _unit_tables(self, atlas: str) -> list[pd.DataFrame]:
+        """One overlap table per participant; several sessions' combined: dice mean, p median, and
+        linked when linked in more than half of them."""
+        out = []
+        for members in self.units.values():
+            tables = [read_tsv(f, "overlap table", quoted=True) for f in
+                      (self.files.table(e, atlas, "overlap") for e in members) if f.exists()]
+            if len(tables) == 1:
+                out.append(tables[0])
+            elif tables:
+                both = pd.concat(tables, ignore_index=True)
+                both["linked"] = both["linked"].astype(str).str.lower().isin(["true", "1"])
+                out.append(both.groupby(["atom", "network", "sign"], sort=False).agg(
+                    dice=("dice", "mean"), p=("p", "median"),
+                    linked=("linked", lambda v: bool(v.mean() > 0.5))).reset_index())
+        return out
+
     def _needed(self, ent: dict, names: list[str]) -> list[Path]:
-        """Every participant file the group level reads for this story."""
-        out = [self._map(ent, desc=name, stat=stat) for name in names for stat in ("effect", "z")]
+        """Every participant file the group level reads for this story (variance: for fixed effects)."""
+        stats = ("effect", "z") if self._sessions(ent) == 1 else ("effect", "z", "variance")
+        out = [self._map(ent, desc=name, stat=stat) for name in names for stat in stats]
         out += [self._map(ent, desc="cv", stat="r"), self._map(ent, desc="cv", stat="rsquared"),
                 self.files.fdr_mask(ent)]
         return out

@@ -28,7 +28,7 @@ from ..bids.validate import validate_dataset
 from ..cache import Cache, cache_root
 from ..config import Config
 from ..encoding.stats import MIN_CEILING, ceiling_fraction
-from ..errors import DataError
+from ..errors import DataError, UsageError
 from ..networks.atlases import check_user_atlases
 from ..records import Atlas, Dictionary, EncodingResult, RunInputs, Story, WordActivations
 from . import stimulus
@@ -50,11 +50,15 @@ def run_participant_level(config: Config) -> None:
     by_subject: dict[str, list[RunInputs]] = defaultdict(list)
     for run in runs:
         by_subject[run.subject].append(run)
+    for subject_runs in by_subject.values():
+        story_groups(subject_runs)  # output names distinct (exit 64), before the model runs
     log.info("found %d run(s) of %d participant(s): %s", len(runs), len(by_subject),
              ", ".join(f"sub-{s}" for s in sorted(by_subject)))
     writer = DerivativesWriter(config.output_dir, config)
     for i, subject in enumerate(sorted(by_subject), 1):
         log.info("[%d/%d] participant sub-%s", i, len(by_subject), subject)
+        # first: no completion record while this participant's outputs are being (re)written
+        ParticipantFiles(writer, config.space).completion(subject).unlink(missing_ok=True)
         writer.remove_temps(writer.subject_dir(subject))  # leftovers of a killed run of this participant
         writer.write_config(config.resolved(), "participant", subject)
         Participant(subject, by_subject[subject], config, cache, writer).run()
@@ -94,17 +98,36 @@ class Participant:
         from .report import participant_inputs_section, participant_story_sections
 
         participant_inputs_section(report, summary, self.runs)
-        groups: dict[tuple, list[RunInputs]] = defaultdict(list)
-        for run in self.runs:
-            groups[(run.session, run.task, run.story.name)].append(run)
-        for (session, task, story_name), runs in sorted(groups.items(), key=lambda kv: str(kv[0])):
-            log.info("sub-%s: story %s (task %s%s), %d run(s)", self.subject, story_name, task,
+        groups = story_groups(self.runs)
+        completed = []
+        for (session, story_name), runs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+            tasks = sorted({r.task for r in runs})
+            log.info("sub-%s: story %s (task %s%s), %d run(s)", self.subject, story_name, ", ".join(tasks),
                      f", session {session}" if session else "", len(runs))
             result = self.process_story(runs)
             participant_story_sections(report, result, cfg, self.writer)
-        report.summary({"participant": f"sub-{self.subject}", "runs": len(self.runs),
+            completed.append({"story": story_name, "session": session, "tasks": tasks,
+                              "entities": self.files.story_entities(self.subject, session, story_name),
+                              "runs": [r.bold.name for r in runs]})
+        report.summary({"participant": f"sub-{self.subject}", "runs": len({r.bold for r in self.runs}),
                         "stories": len(groups), "model": cfg.model})
         self.writer.write_text(report.to_html(), self.files.report(self.subject))
+        self.write_completion(completed)
+
+    def write_completion(self, completed: list[dict]) -> None:
+        """The completion record, written last: the group level uses only participants that have one."""
+        from .. import __version__
+
+        cfg = self.config
+        self.writer.write_json({
+            "Description": "This participant's run finished: every output of the stories below is "
+                           "written. Written last (atomically); removed first when the participant is "
+                           "rerun. The group level uses only participants with this record.",
+            "participant": self.subject, "bids_llm_encode": __version__, "model": cfg.model,
+            "space": cfg.space, "n_atoms": cfg.n_atoms, "atom_model": cfg.atom_model,
+            "fbn_atlas": list(cfg.fbn_atlas),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "stories": completed,
+        }, self.files.completion(self.subject), sources=[r.bold for r in self.runs])
 
     # ------------------------------------------------------------------ inputs
     def write_summary(self) -> pd.DataFrame:
@@ -140,7 +163,7 @@ class Participant:
 
         mask_img = _common_mask(runs)
         mask = np.asarray(mask_img.dataobj) > 0
-        ent = {k: v for k, v in runs[0].entities.items() if k != "run"}
+        ent = self.files.story_entities(self.subject, runs[0].session, story.name)
         baselines = [stimulus.run_baselines(r, r.frame_times - r.story_onset, cfg) for r in runs]
         names = [n for n in baselines[0][1] if all(n in b[1] for b in baselines)]  # a column can drop in a run
         data = []
@@ -150,14 +173,14 @@ class Participant:
             conf, sample_mask = load_confounds(r.bold, r.confounds, cfg.confounds_strategy, cfg.scrub)
             design = stimulus.run_design(r.frame_times - r.story_onset, story, acts, dic, cfg)
             writer.write_tsv(pd.DataFrame(design, columns=atom_names(dic.n_atoms)),
-                             self.files.design(r.entities),
+                             self.files.design(self.files.run_entities(r)),
                              {"Description": "Regressors of the encoding model: the atoms' time courses "
                               "at this run's frames (least-squares projection of the run's neuron "
                               "series on the story's fixed loadings), before confound regression.",
                               "RepetitionTime": r.tr, "StoryOnset": r.story_onset},
                              sources=[r.bold, r.events, story.source])
             if names:
-                writer.write_tsv(pd.DataFrame(B, columns=names), self.files.design(r.entities, "baselines"),
+                writer.write_tsv(pd.DataFrame(B, columns=names), self.files.design(self.files.run_entities(r), "baselines"),
                                  {"Description": "Low-level baseline regressors at this run's frames "
                                   "(HRF-convolved, z-scored; signal/baselines.py): the encoding's second "
                                   "feature space, also in the model of the atoms' effect maps.",
@@ -174,6 +197,7 @@ class Participant:
                            backend="torch_cuda" if stimulus.torch_device(cfg.device) == "cuda" else "numpy")
         sources = [r.bold for r in runs] + [r.mask for r in runs] + [r.confounds for r in runs]
         enc.info["baseline_names"] = names
+        enc.info["TaskName"] = ", ".join(sorted({r.task for r in runs}))  # the BIDS task(s) of the story
         self.write_encoding_maps(enc, mask_img, ent, sources)
 
         corr, metrics = {}, {}
@@ -291,6 +315,35 @@ class Participant:
                           self.files.table(ent, atlas.name, "metrics", ".json"), sources)
         log.info("sub-%s %s: %d atom -> network link(s)", self.subject, atlas.name, len(links))
         return corr, (summary, per_network)
+
+
+def story_groups(runs: list[RunInputs]) -> dict[tuple, list[RunInputs]]:
+    """(session, story) -> its runs: each story of a session is one analysis, with its own atoms.
+
+    A run with two stories is in two groups (one segment each). Runs of one story must
+    have distinct output names (``OutputFiles.run_entities``: sub, ses, story, run); two
+    runs of the story under different tasks without run numbers would not: refused
+    (exit 64) with the files named.
+    """
+    groups: dict[tuple, list[RunInputs]] = defaultdict(list)
+    for run in runs:
+        groups[(run.session, run.story.name)].append(run)
+    named: dict[tuple, tuple] = {}
+    for key, members in groups.items():
+        seen: dict[tuple, RunInputs] = {}
+        for r in members:
+            ent = tuple(sorted(ParticipantFiles.run_entities(r).items()))
+            if ent in seen:
+                raise UsageError(f"{seen[ent].raw_bold} and {r.raw_bold}: two runs of story {r.story.name!r} "
+                                 "would get the same output names (same session and run number under "
+                                 "different tasks); select one with --task-label")
+            seen[ent] = r
+        out = tuple(sorted(ParticipantFiles.story_entities(members[0].subject, key[0], key[1]).items()))
+        if out in named:
+            raise UsageError(f"stories {named[out][1]!r} and {key[1]!r} have the same letters and digits, "
+                             "which name their outputs; rename one (its alignment folder and stim_file)")
+        named[out] = key
+    return groups
 
 
 def voxel_batch(mem_mb, n_frames: int) -> int:

@@ -18,7 +18,9 @@ from ..report import figures as fig
 
 def participant_inputs_section(report, summary: pd.DataFrame, runs: list[RunInputs]) -> None:
     sec = report.add_section("Inputs found", anchor="inputs")
-    sec.text(f"{len(runs)} BOLD run(s) with fMRIPrep derivatives, confounds and word timing.")
+    n_bold = len({r.bold for r in runs})
+    several = f", {len(runs)} story segments (one row per story of a run)" if len(runs) > n_bold else ""
+    sec.text(f"{n_bold} BOLD run(s) with fMRIPrep derivatives, confounds and word timing{several}.")
     timeline = summary.assign(
         run=[r.bold.name.split("_space-")[0] for r in runs],
         story_start=[r.story_onset + float(np.nanmin(r.story.starts)) for r in runs],
