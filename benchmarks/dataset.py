@@ -3,7 +3,8 @@
 Usage::
 
     python benchmarks/dataset.py            # 3 processes of each kind
-    python benchmarks/dataset.py --quick    # < 1 min: 1 process without the index, 2 with it (the
+    python benchmarks/dataset.py --quick    # < 1 min: a third of the tree (115 participants, 300
+                                            # runs); 1 process without the index, 2 with it (the
                                             # two that index run side by side, on 2 cores)
 
 Writes a Narratives-shaped tree (ds002345: 345 participants, ~900 BOLD runs of 27
@@ -142,10 +143,14 @@ def _process(ds: Path, db) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 process without the index, 2 with it (< 1 min)")
-    ap.add_argument("--participants", type=int, default=345)
-    ap.add_argument("--runs", type=int, default=900)
+    ap.add_argument("--participants", type=int, default=None, help="345 (--quick: 115)")
+    ap.add_argument("--runs", type=int, default=None, help="900 (--quick: 300)")
     ap.add_argument("--processes", type=int, default=3, help="processes of each kind (full run)")
     args = ap.parse_args(argv)
+    if args.participants is None:
+        args.participants = 115 if args.quick else 345
+    if args.runs is None:
+        args.runs = 300 if args.quick else 900
     n_plain, n_db = (1, 2) if args.quick else (args.processes, args.processes + 1)
     with tempfile.TemporaryDirectory(prefix="bench-dataset-") as tmp:
         tmp = Path(tmp)

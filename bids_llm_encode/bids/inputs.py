@@ -263,8 +263,6 @@ def _float_tr(meta: dict, where: Path) -> Optional[float]:
 
 
 def _layouts(config: Config):
-    from bids import BIDSLayout
-
     bids_dir = Path(config.bids_dir)
     if not (bids_dir / "dataset_description.json").is_file():
         if not bids_dir.is_dir():
