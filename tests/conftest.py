@@ -27,6 +27,7 @@ def narratives() -> Path:
 def session_cache(tmp_path_factory) -> Path:
     """One cache for the whole session; tests that need isolation make their own."""
     path = Path(os.environ.get("BIDS_LLM_ENCODE_TEST_CACHE", tmp_path_factory.mktemp("cache")))
+    path.mkdir(parents=True, exist_ok=True)  # a folder named in the environment may not exist yet
     old = os.environ.get("BIDS_LLM_ENCODE_CACHE")
     os.environ["BIDS_LLM_ENCODE_CACHE"] = str(path)
     yield path
