@@ -217,6 +217,32 @@ def projected(grid, gm_volume_maps):
     return surface.volume_to_cortex(gm_volume_maps, grid[0])
 
 
+def test_projection_equals_nilearn_vol_to_surf(grid, gm_volume_maps):
+    """volume_to_cortex's sparse matrix gives nilearn's vol_to_surf values (depth sampling, mask)."""
+    import warnings
+
+    import nibabel as nib
+    from nilearn.surface import vol_to_surf
+
+    mask_img, mask, _ = grid
+    z = gm_volume_maps[:3]
+    vol = np.zeros(mask.shape + (3,))
+    vol[mask] = z.T
+    img = nib.Nifti1Image(vol, mask_img.affine)
+    ref = []
+    for hemi, ids in zip("LR", surface._cortex_vertex_ids()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # vertices with no sample in the mask: NaN
+            v = vol_to_surf(img, str(surface._hemi_file(hemi, "pial")),
+                            inner_mesh=str(surface._hemi_file(hemi, "white")), kind="depth",
+                            interpolation="linear", mask_img=mask_img)
+        ref.append(np.asarray(v).reshape(v.shape[0], -1)[ids].T)
+    ref = np.nan_to_num(np.hstack(ref))
+    got = surface.volume_to_cortex(z, mask_img)
+    assert got.shape == ref.shape == (3, 59412) and (ref != 0).mean() > 0.5
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-9)
+
+
 @pytest.mark.parametrize("name", ["CA12", "Yeo7"])
 def test_spin_calibration_on_projected_grey_matter_maps(grid, projected, spins, name):
     """Grey-matter-confined smooth volume maps, projected to the surface: ~5% at p < 0.05 (spin test)."""

