@@ -36,7 +36,7 @@ demo: setup
 	@echo "Group report:        $(DEMO_OUT)/group.html"
 
 test: setup
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q --durations=15 tests
 
 clean:
 	rm -rf $(DEMO_DIR) $(DEMO_OUT) .cache
