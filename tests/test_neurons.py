@@ -256,3 +256,33 @@ def test_story_activations_cache(tiny, tmp_path, monkeypatch):
     assert len(calls) == 2
     neurons.story_activations(m, replace(story, words=words[:-1] + ("dog",)), cfg, store)
     assert len(calls) == 3
+
+
+def test_cached_activations_do_not_load_the_weights(tiny, tmp_path):
+    """A participant whose story is cached never loads the model (on a cluster: a Llama-3-8B per job)."""
+    from bids_llm_encode.lm.models import resolve_model
+
+    folder = save_tiny("llama", tmp_path / "model")
+    source = resolve_model(str(folder), device="cpu")
+    words = tuple(story_words(20, seed=6))
+    story = Story(name="tiny", words=words, starts=np.arange(20.0), ends=np.arange(20.0) + 0.5,
+                  aligned=np.ones(20, bool), source=tmp_path / "align.csv")
+    cfg = Config(bids_dir=tmp_path, output_dir=tmp_path / "out", analysis_level="participant")
+    store = cache_mod.Cache(tmp_path / "cache")
+    loads = []
+
+    def load():
+        loads.append(1)
+        return load_model(source)
+
+    first = neurons.story_activations(source, story, cfg, store, load=load)
+    assert len(loads) == 1
+    second = neurons.story_activations(source, story, cfg, store, load=load)
+    assert len(loads) == 1  # read from the cache: no load
+    np.testing.assert_array_equal(second.values, first.values)
+    loaded = load_model(str(folder), device="cpu")  # the loaded model keys the same entry
+    assert loaded.identity == source.identity
+    assert neurons.activations_key(loaded, words, site=cfg.neurons, layers=cfg.layers,
+                                   context_tokens=cfg.context_tokens, window_tokens=cfg.window_tokens,
+                                   pooling=cfg.word_pooling) == first.card["cache_key"]
+    np.testing.assert_array_equal(neurons.story_activations(loaded, story, cfg, store).values, first.values)

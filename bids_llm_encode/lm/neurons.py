@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -429,16 +429,20 @@ def word_activations(loaded: LoadedModel, words: Sequence[str], *, site: str = "
 # ----------------------------------------------------------------------------- cached
 
 
-def activations_key(loaded: LoadedModel, words: Sequence[str], *, site: str, layers, context_tokens: int,
+def activations_key(loaded, words: Sequence[str], *, site: str, layers, context_tokens: int,
                     window_tokens: int, pooling: str) -> str:
-    """Cache key of a story's activations (the package version is part of every digest)."""
+    """Cache key of a story's activations (the package version is part of every digest).
+
+    ``loaded``: a LoadedModel or a ModelSource (their ``identity`` and ``dtype``).
+    """
     return cache_mod.digest(
         "word-activations", list(words), loaded.identity, loaded.dtype, site,
         None if layers is None else [int(i) for i in layers], int(context_tokens), int(window_tokens), pooling,
     )
 
 
-def story_activations(loaded: LoadedModel, story: Story, config, cache: cache_mod.Cache) -> WordActivations:
+def story_activations(model, story: Story, config, cache: cache_mod.Cache,
+                      load: Optional[Callable[[], LoadedModel]] = None) -> WordActivations:
     """:func:`word_activations` for a story, kept in the cache.
 
     Values are stored as float16 (float32 when they exceed float16's range) with
@@ -446,19 +450,24 @@ def story_activations(loaded: LoadedModel, story: Story, config, cache: cache_mo
 
     Parameters
     ----------
-    loaded : LoadedModel
+    model : LoadedModel or lm.models.ModelSource
+        Its ``identity`` and ``dtype`` key the cache. A ModelSource needs ``load``.
     story : Story
     config : Config
         Reads ``neurons``, ``layers``, ``context_tokens``, ``window_tokens``, ``word_pooling``.
     cache : Cache
+    load : callable, optional
+        Returns the LoadedModel; called only when the activations are not cached
+        (so a cached story never loads the weights).
     """
     settings = dict(site=config.neurons, layers=config.layers, context_tokens=config.context_tokens,
                     window_tokens=config.window_tokens, pooling=config.word_pooling)
-    key = activations_key(loaded, story.words, **settings)
+    key = activations_key(model, story.words, **settings)
 
     def create(folder):
-        log.info("computing %s activations of %s for story %s (%d words)", settings["site"], loaded.name,
+        log.info("computing %s activations of %s for story %s (%d words)", settings["site"], model.name,
                  story.name, story.n_words)
+        loaded = model if load is None else load()
         act = word_activations(loaded, story.words, **settings)
         big = float(np.abs(act.values).max()) if act.values.size else 0.0
         store = np.float16 if big < 6.0e4 else np.float32

@@ -25,14 +25,21 @@ log = logging.getLogger(__name__)
 
 
 @lru_cache(maxsize=2)
+def _model_source(spec: str, device: str, dtype: str, cache_root: str):
+    from ..lm.models import resolve_model
+
+    return resolve_model(spec, device=device, dtype=dtype, cache_dir=cache_root)
+
+
+@lru_cache(maxsize=2)
 def _load_model(spec: str, device: str, dtype: str, cache_root: str):
     from ..lm.models import load_model
 
-    return load_model(spec, device=device, dtype=dtype, cache_dir=cache_root)
+    return load_model(_model_source(spec, device, dtype, cache_root))
 
 
 def get_model(config: Config, cache: Cache):
-    """The language model of the run (loaded once per process)."""
+    """The language model of the run (loaded once per process, when first needed)."""
     return _load_model(config.model, config.device, config.dtype, str(cache.root))
 
 
@@ -49,7 +56,9 @@ def reference_frame_times(story: Story, atom_tr: float) -> np.ndarray:
 def story_activations(story: Story, config: Config, cache: Cache) -> WordActivations:
     from ..lm.neurons import story_activations as _acts
 
-    return _acts(get_model(config, cache), story, config, cache)
+    """A story's word activations; the model's weights are loaded only when they are not cached."""
+    source = _model_source(config.model, config.device, config.dtype, str(cache.root))
+    return _acts(source, story, config, cache, load=lambda: get_model(config, cache))
 
 
 def centring(config: Config) -> bool:
