@@ -17,11 +17,15 @@ this null every p should fall below 0.05 in 5 % and below 0.001 in 0.1 % of
 the tests. Also: the Dice of the tests with p < 0.05 (why a link needs a
 minimum Dice), and the time of the spin test's counts for 64 atoms x 2 signs
 x 12 networks (CA12) with the rotations computed (``rotation_seconds``, done
-once and cached by the app) and loaded (``spin_seconds``).
+once and cached by the app) and loaded (``spin_seconds``). Cross-check: the maps
+projected onto the cortex tested against these rotations and against neuromaps'
+own (``nulls.spins.gen_spinsamples``, via ``surface.neuromaps_spin_indices``):
+the false rate under each and the median difference of the p-values.
 
 The last line is ``key=value`` pairs: ``spin_p05_rate``, ``volume_p05_rate``,
 ``old_p05_rate`` (pooled over both atlases), the same at p < 0.001
-(``..._p001_rate``), ``spin_seconds``, ``rotation_seconds``, ``spins``, ``tests``.
+(``..._p001_rate``), ``spin_seconds``, ``rotation_seconds``, ``spins``, ``tests``,
+``neuromaps_p05_rate``, ``neuromaps_p_absdiff``.
 """
 
 from __future__ import annotations
@@ -112,6 +116,27 @@ def main(argv=None) -> int:
         spun = surface.spin_codes(codes, indices)
         surface.spin_pvalues(maps, codes, len(atlas.labels), spun)
         spin_seconds = time.perf_counter() - t
+        # cross-check: the same projected maps against this module's rotations and neuromaps' own
+        t = time.perf_counter()
+        ref = surface.neuromaps_spin_indices(n_spins, args.seed + 1)
+        neuromaps_seconds = time.perf_counter() - t
+        zc = surface.volume_to_cortex(z, mask_img)
+        cross = {"app": [], "neuromaps": []}
+        for name in ("CA12", "Yeo7"):
+            atlas = load_atlas(name, mask_img)
+            codes = surface.cortex_labels(atlas)
+            maps = np.vstack([zc > THRESHOLD / 2, zc < -THRESHOLD / 2])  # projection averages: smaller values
+            maps = maps[maps.any(axis=1)]
+            for key, idx in (("app", indices), ("neuromaps", ref)):
+                cross[key].append(surface.spin_pvalues(maps, codes, len(atlas.labels),
+                                                       surface.spin_codes(codes, idx))[2].ravel())
+        p_app, p_nm = (np.concatenate(cross[k]) for k in ("app", "neuromaps"))
+        absdiff = float(np.median(np.abs(p_app - p_nm)))
+        print(f"cross-check on the {n_maps} maps projected onto the cortex (|z| > {THRESHOLD / 2}), "
+              f"{p_app.size} tests: p < 0.05 in {np.mean(p_app < 0.05):.4f} with this app's rotations, "
+              f"{np.mean(p_nm < 0.05):.4f} with neuromaps' gen_spinsamples ({n_spins} rotations in "
+              f"{neuromaps_seconds:.0f} s); r(p) = {np.corrcoef(p_app, p_nm)[0, 1]:.3f}, median |dp| = "
+              f"{absdiff:.3f} (Monte Carlo sd of the difference of two p of 0.5: {np.sqrt(0.5 / n_spins):.3f})")
     pooled = {k: np.concatenate(v) for k, v in rates.items()}
     print(f"spin test cost: {n_spins} rotations computed in {rotation_seconds:.1f} s (once; cached); "
           f"64 atoms x 2 signs x 12 networks ({int(maps.sum())} map vertices) against them in "
@@ -121,7 +146,8 @@ def main(argv=None) -> int:
           f"spin_p001_rate={np.mean(pooled['spin'] < 0.001):.4f} "
           f"volume_p001_rate={np.mean(pooled['volume'] < 0.001):.4f} "
           f"old_p001_rate={np.mean(pooled['shift'] < 0.001):.4f} rotation_seconds={rotation_seconds:.1f} "
-          f"spins={n_spins} tests={pooled['spin'].size}/{pooled['volume'].size}/{pooled['shift'].size}")
+          f"spins={n_spins} tests={pooled['spin'].size}/{pooled['volume'].size}/{pooled['shift'].size} "
+          f"neuromaps_p05_rate={np.mean(p_nm < 0.05):.4f} neuromaps_p_absdiff={absdiff:.3f}")
     return 0
 
 

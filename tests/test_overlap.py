@@ -293,3 +293,34 @@ def test_spin_links_planted_maps_with_an_overlap_floor(grid, session_cache):
     assert h.q < 0.05 and not h.linked
     with pytest.raises(UsageError, match="volume atlas"):
         correspondence(z, mask_img, dataclasses.replace(atlas, name="mine"), null="spin")
+
+
+N_NEUROMAPS = 100  # neuromaps' rotations take ~0.1 s each
+
+
+@pytest.fixture(scope="module")
+def neuromaps_spins():
+    return surface.neuromaps_spin_indices(N_NEUROMAPS, 3)
+
+
+@pytest.mark.parametrize("name", ["CA12", "Yeo7"])
+def test_spin_p_agree_with_neuromaps(spins, neuromaps_spins, name):
+    """The same maps and statistic with neuromaps' own rotations (gen_spinsamples): the same p up to
+    Monte Carlo error, the same share of each network lost to the medial wall, planted maps at the floor."""
+    nm = neuromaps_spins
+    atlas = load_atlas(name, datasets.load_mni152_brain_mask(resolution=2))
+    codes, k = surface.cortex_labels(atlas), len(atlas.labels)
+    z = _surface_smooth(np.random.default_rng(21), 40)
+    maps = np.vstack([z > 1.5, z < -1.5])
+    ours = surface.spin_pvalues(maps, codes, k, surface.spin_codes(codes, spins))[2].ravel()
+    theirs = surface.spin_pvalues(maps, codes, k, surface.spin_codes(codes, nm))[2].ravel()
+    # Monte Carlo sd of p at p = 0.5 with 100 and 200 rotations: sqrt(.25/100 + .25/200) = 0.061
+    assert np.corrcoef(ours, theirs)[0, 1] > 0.95
+    assert np.median(np.abs(ours - theirs)) < 0.05, np.median(np.abs(ours - theirs))
+    size = np.bincount(codes, minlength=k + 1)[1:]
+    for idx in (spins, nm):
+        kept = np.stack([np.bincount(r, minlength=k + 1)[1:] for r in surface.spin_codes(codes, idx)]) / size
+        assert abs(kept.mean() - 59412 / 64984) < 0.01, kept.mean()
+    planted = np.stack([codes == j + 1 for j in range(k)])  # each network itself
+    p = surface.spin_pvalues(planted, codes, k, surface.spin_codes(codes, nm))[2].diagonal()
+    assert p.max() <= 3 / (N_NEUROMAPS + 1), p

@@ -254,6 +254,27 @@ def spin_indices(n: int = DEFAULT_N_SPINS, seed: int = 0,
     return left, right
 
 
+def neuromaps_spin_indices(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """neuromaps' own rotations (``nulls.spins.gen_spinsamples``), in :func:`spin_indices`' format.
+
+    The reference the tests and ``benchmarks/networks.py`` compare this
+    module's rotations with: neuromaps rotates each hemisphere's whole 32k
+    sphere (medial wall included; the right by the mirrored rotation) and gives
+    each vertex the value of the vertex whose rotated position is nearest
+    (``method="original"``, no duplicate check). Needs ``neuromaps`` (a test
+    dependency, not one of the app); about 0.1 s per rotation on 2 cores.
+    """
+    from neuromaps.nulls.spins import gen_spinsamples
+
+    sph_l, sph_r = _spheres()
+    coords = np.vstack([sph_l, sph_r])
+    hemi = np.r_[np.zeros(len(sph_l), np.int8), np.ones(len(sph_r), np.int8)]
+    s = gen_spinsamples(coords, hemi, n_rotate=int(n), seed=int(seed), check_duplicates=False)
+    ids_l, ids_r = _cortex_vertex_ids()
+    return (np.ascontiguousarray(s[ids_l].T.astype(np.uint16)),
+            np.ascontiguousarray((s[len(sph_l) + ids_r] - len(sph_l)).T.astype(np.uint16)))
+
+
 def spin_codes(codes: np.ndarray, indices: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     """Network codes (0 = none) rotated by every spin, shape (n_spins, 59412); the medial wall gives 0."""
     out = []
