@@ -225,13 +225,19 @@ def test_unknown_architecture_in_hooks(tiny):
         word_activations(replace(tiny["gpt2"], model=Weird()), ["a"])
 
 
+def _cached_story_setup(tmp_path, n_words: int, seed: int):
+    """Words, a one-word-per-second Story of them, a Config and a Cache under ``tmp_path``."""
+    words = tuple(story_words(n_words, seed=seed))
+    story = Story(name="tiny", words=words, starts=np.arange(float(n_words)),
+                  ends=np.arange(float(n_words)) + 0.5, aligned=np.ones(n_words, bool),
+                  source=tmp_path / "align.csv")
+    cfg = Config(bids_dir=tmp_path, output_dir=tmp_path / "out", analysis_level="participant")
+    return words, story, cfg, cache_mod.Cache(tmp_path / "cache")
+
+
 def test_story_activations_cache(tiny, tmp_path, monkeypatch):
     m = tiny["llama"]
-    words = tuple(story_words(25, seed=5))
-    story = Story(name="tiny", words=words, starts=np.arange(25.0), ends=np.arange(25.0) + 0.5,
-                  aligned=np.ones(25, bool), source=tmp_path / "align.csv")
-    cfg = Config(bids_dir=tmp_path, output_dir=tmp_path / "out", analysis_level="participant")
-    store = cache_mod.Cache(tmp_path / "cache")
+    words, story, cfg, store = _cached_story_setup(tmp_path, 25, seed=5)
     calls = []
     real = neurons.word_activations
 
@@ -264,11 +270,7 @@ def test_cached_activations_do_not_load_the_weights(tiny, tmp_path):
 
     folder = save_tiny("llama", tmp_path / "model")
     source = resolve_model(str(folder), device="cpu")
-    words = tuple(story_words(20, seed=6))
-    story = Story(name="tiny", words=words, starts=np.arange(20.0), ends=np.arange(20.0) + 0.5,
-                  aligned=np.ones(20, bool), source=tmp_path / "align.csv")
-    cfg = Config(bids_dir=tmp_path, output_dir=tmp_path / "out", analysis_level="participant")
-    store = cache_mod.Cache(tmp_path / "cache")
+    words, story, cfg, store = _cached_story_setup(tmp_path, 20, seed=6)
     loads = []
 
     def load():
