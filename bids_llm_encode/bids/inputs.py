@@ -36,7 +36,7 @@ from .tables import check_confounds, read_events, read_text
 
 log = logging.getLogger(__name__)
 
-__all__ = ["normalize_labels", "find_runs", "find_runs_and_stories", "dataset_stories", "run_summary", "load_filters", "story_name",
+__all__ = ["normalize_labels", "find_runs", "find_runs_and_stories", "dataset_stories", "index_dataset", "run_summary", "load_filters", "story_name",
            "timing_candidates", "stim_path", "check_run_baselines"]
 
 #: Entities a raw BOLD and its fMRIPrep outputs share. Not ``echo``: fMRIPrep's ``desc-preproc_bold``
@@ -382,6 +382,12 @@ def find_runs(config: Config) -> list[RunInputs]:
         with 66).
     """
     return _find_runs(config, _layouts(config))
+
+
+def index_dataset(config: Config) -> None:
+    """Build (or load) the PyBIDS index of ``bids_dir`` and the derivatives: with
+    ``--bids-database-dir``, saved for every later process (the cluster's first step)."""
+    _layouts(config)
 
 
 def find_runs_and_stories(config: Config) -> tuple[list[RunInputs], list[Story]]:
