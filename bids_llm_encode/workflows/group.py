@@ -209,7 +209,8 @@ class GroupStory:
                                         "participant level into this folder first")
         head = read_tsv(atoms_tsv, "atoms table", quoted=True, nrows=0)  # model level: a 'story' column
         names = [c for c in head.columns if c.startswith("atom")]
-        atoms = read_tsv(atoms_tsv, "atoms table", numeric=names, quoted=True)[names].to_numpy(dtype=float)
+        atoms = read_tsv(atoms_tsv, "atoms table", numeric="all" if cfg.dictionary_scope == "story" else
+                         ["time", *names], quoted=True)[names].to_numpy(dtype=float)
         card = read_json(self._dictionary_file("modelcard"), "model card")
         sub_df = read_tsv(self._dictionary_file("subgroups"), "sub-group table", quoted=True)
         stab_path = self._dictionary_file("stability")
