@@ -212,3 +212,15 @@ def test_model_scope_end_to_end(tmp_path):
     side = json.loads(z.with_name(z.name.replace(".nii.gz", ".json")).read_text())
     assert side["Participants"] == ["01", "02", "04"]
     assert "--dictionary-scope story" in (out / "group.html").read_text()
+
+
+def test_group_at_model_scope_without_the_model_level_dictionary_is_exit_66(tmp_path, capsys):
+    from bids_llm_encode.bids.outputs import DerivativesWriter
+    from bids_llm_encode.errors import EXIT_NO_INPUT
+
+    root = make_layout(tmp_path / "ds")
+    out = tmp_path / "out"
+    DerivativesWriter(out, Config(bids_dir=root, output_dir=out, analysis_level="group"))  # a folder, no outputs
+    assert run([str(root), str(out), "group", "--cache-dir", str(tmp_path / "cache")]) == EXIT_NO_INPUT
+    err = capsys.readouterr().err
+    assert "stimuli/model-smollm2-135m/modelcard.json" in err and "--dictionary-scope" in err, err
