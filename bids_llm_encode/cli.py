@@ -107,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="atoms whose stability (median |r| of the restarts with the consensus) is lower "
                    f"are kept but not linked to networks (default {d['min_stability'].default})")
 
+    a.add_argument("--dictionary-scope", choices=["model", "story"], default=None,
+                   help="model (default): one dictionary per model and settings, learned once on all "
+                   "stories of the dataset that have word timing, shared by every participant and "
+                   "story; story: one dictionary per story (atom k of two stories unrelated)")
+    a.add_argument("--dictionary-tasks", nargs="+", default=None, metavar="LABEL",
+                   help="model scope: learn the dictionary on the stories of these tasks only (default: "
+                   "every task); --participant-label, --session-label and --task-label never change it")
+
     e = p.add_argument_group("encoding")
     e.add_argument("--confounds-strategy", default=None)
     e.add_argument("--scrub", action="store_true", default=None)

@@ -7,11 +7,18 @@ Writes, into ``--script-dir``:
     folders of ``bids_dir``, else the ``participant_id`` column of its ``participants.tsv``.
 ``prepare.sbatch``
     the shared first step, one job: validates ``bids_dir`` once (unless
-    ``--skip-bids-validation`` is among the app options) and prepares the model in the
-    shared cache (the GGUF de-quantized once), by running this command with ``--prepare-only``.
+    ``--skip-bids-validation`` is among the app options), prepares the model in the
+    shared cache (the GGUF de-quantized once), builds the PyBIDS index
+    (``--bids-database-dir``) and, at ``--dictionary-scope model`` (the default), learns
+    the model-level dictionary of the dataset's stories into the cache and writes its files
+    into ``output_dir``, by running this command with ``--prepare-only``. The array's tasks
+    then read the index and the dictionary instead of waiting on the dictionary's lock
+    (which they would do, correctly but idly, without a prepare job: ``--no-prepare``).
 ``participant.sbatch``
     a job array, task *i* runs the participant level on line *i* of ``participants.txt``
     (``--participant-label sub-XX --skip-bids-validation --nprocs $SLURM_CPUS_PER_TASK``).
+    Every job gets ``--bids-database-dir`` (``--bids-database-dir`` of this command, default
+    ``SCRIPT_DIR/bidsdb``, unless the app options name one): the dataset is indexed once.
 ``group.sbatch``
     the group level.
 ``submit.sh``
@@ -92,14 +99,15 @@ def _header(name: str, log_dir: Path, args, array: Optional[str] = None) -> list
     return lines + ["set -euo pipefail"]
 
 
-def _environment(args, cache: Path) -> list[str]:
+def _environment(args, cache: Path, database: Optional[Path] = None) -> list[str]:
     """Lines that make the app runnable in a job; `"${APP[@]}"` is then the app (or --prepare-only)."""
     # the folders must exist before singularity can bind them
-    lines = [f"mkdir -p {_q(args.output_dir)} {_q(cache)}", f"export BIDS_LLM_ENCODE_CACHE={_q(cache)}"]
+    folders = " ".join(_q(f) for f in (args.output_dir, cache, *([database] if database else [])))
+    lines = [f"mkdir -p {folders}", f"export BIDS_LLM_ENCODE_CACHE={_q(cache)}"]
     if args.container:
         cmd = args.container_cmd
         binds = [f"-B {_q(str(args.bids_dir) + ':' + str(args.bids_dir) + ':ro')}", f"-B {_q(args.output_dir)}",
-                 f"-B {_q(cache)}"]
+                 f"-B {_q(cache)}", *([f"-B {_q(database)}"] if database else [])]
         nv = " --nv" if args.gpu else ""
         lines += [
             "# --cleanenv keeps the host's environment out; the cache is passed in explicitly",
@@ -126,9 +134,13 @@ def write_scripts(args) -> dict:
 
     app_args = list(args.app_args)
     validate_once = args.prepare and "--skip-bids-validation" not in app_args and "--skip_bids_validation" not in app_args
+    database = None  # one PyBIDS index for every job (unless the app options name their own)
+    if not any(a.split("=")[0] in ("--bids-database-dir", "--bids_database_dir") for a in app_args):
+        database = Path(args.bids_database_dir or script_dir / "bidsdb").absolute()
+        app_args = ["--bids-database-dir", str(database), *app_args]
     extra = " ".join(_q(a) for a in app_args)
     res = ['--nprocs "${SLURM_CPUS_PER_TASK:-1}"'] + ([f"--mem-mb {int(args.mem_mb)}"] if args.mem_mb else [])
-    env = _environment(args, cache)
+    env = _environment(args, cache, database)
     b, o = _q(args.bids_dir), _q(args.output_dir)
 
     n = len(participants)
@@ -145,7 +157,7 @@ def write_scripts(args) -> dict:
     ]
     prep = _header(f"{args.job_name}-prepare", log_dir, args) + env + [
         f'"${{PREPARE[@]}}" --prepare-only {b} {o}' + ("" if validate_once else " --no-validate")
-        + (f" -- {extra}" if extra else ""),
+        + f" -- {' '.join(res)} {extra}".rstrip(),
     ]
     paths = {"participants": participants, "participants_file": plist}
     for name, lines in (("prepare", prep), ("participant", part), ("group", group)):
@@ -179,12 +191,14 @@ def write_scripts(args) -> dict:
 
 
 def prepare(bids_dir: Path, output_dir: Path, app_args: Sequence[str], validate: bool = True) -> None:
-    """The shared first step: validate ``bids_dir`` once, prepare the model in the cache."""
+    """The shared first step: validate ``bids_dir`` once, prepare the model in the cache, build the
+    PyBIDS index, and at ``--dictionary-scope model`` learn the model-level dictionary."""
     from .cache import cache_root
-    from .cli import parse_config
+    from .cli import parse_config, set_resources
     from .lm.models import load_model
 
-    cfg = parse_config([str(bids_dir), str(output_dir), "participant", *app_args])
+    cfg = parse_config([str(bids_dir), str(output_dir), "participant", *app_args]).validate()
+    set_resources(cfg.nprocs, cfg.mem_mb)
     if validate:
         from .bids.validate import validate_dataset
 
@@ -193,6 +207,16 @@ def prepare(bids_dir: Path, output_dir: Path, app_args: Sequence[str], validate:
     root = cache_root(cfg)
     load_model(cfg.model, device="cpu", dtype=cfg.dtype, cache_dir=root)
     log.info("model %s ready in the cache %s", cfg.model, root)
+    if cfg.dictionary_scope == "model":  # also indexes the dataset (--bids-database-dir)
+        from .workflows.participant import prepare_dictionary
+
+        shared = prepare_dictionary(cfg)
+        log.info("model-level dictionary of %d stories ready in the cache and %s", len(shared.stories),
+                 cfg.output_dir)
+    else:
+        from .bids.inputs import index_dataset
+
+        index_dataset(cfg)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path,
                    help="cache shared by all jobs (default $BIDS_LLM_ENCODE_CACHE, else SCRIPT_DIR/cache)")
     p.add_argument("--script-dir", type=Path, default=Path("slurm"), help="where the scripts go (default ./slurm)")
+    p.add_argument("--bids-database-dir", type=Path,
+                   help="the PyBIDS index every job shares (the app's --bids-database-dir; default "
+                        "SCRIPT_DIR/bidsdb; an app option after -- wins)")
     p.add_argument("--job-name", default="llm_encode")
     p.add_argument("--cpus-per-task", type=int, default=4, help="also the app's --nprocs (default 4)")
     p.add_argument("--mem-mb", type=int, help="#SBATCH --mem, and the app's --mem-mb")

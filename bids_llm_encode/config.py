@@ -29,6 +29,7 @@ CHOICES = {
     "hrf": ("spm", "glover"),
     "an_centering": ("mean", "none"),
     "group_model": ("random", "fixed"),
+    "dictionary_scope": ("model", "story"),
     "atom_model": ("marginal", "joint"),
     "map_rule": ("winner", "all"),
     # the same tuple as networks.overlap.NULLS (tests/test_config.py checks that they agree)
@@ -94,6 +95,9 @@ class Config:
     seed: int = 0
     restarts: int = 24  # consensus of 24 restarts (1 = the old single SVD-started fit), docs/patterns.md
     min_stability: float = 0.6  # atoms below it are kept but not linked to networks, docs/patterns.md
+    # model: one dictionary per model over the dataset's stories | story: one per story (docs/patterns.md)
+    dictionary_scope: str = "model"
+    dictionary_tasks: list[str] = field(default_factory=list)  # model scope: only these tasks' stories
     # encoding (section 4)
     confounds_strategy: str = "narratives"  # narratives | simple | compcor | scrubbing (nilearn presets)
     scrub: bool = False
@@ -228,11 +232,15 @@ class Config:
             if not self.baseline_regressors.is_dir():
                 bad("baseline_regressors", str(self.baseline_regressors),
                     "no such folder (it must hold one <story>.tsv per story, docs/usage.md)")
-        for name in ("participant_label", "session_label", "task_label"):
+        for name in ("participant_label", "session_label", "task_label", "dictionary_tasks"):
             strings(name)
         normalize_labels(self.participant_label, "sub")
         normalize_labels(self.session_label, "ses")
         normalize_labels(self.task_label, "task")
+        normalize_labels(self.dictionary_tasks, "task")
+        if self.dictionary_tasks and self.dictionary_scope != "model":
+            bad("dictionary_tasks", self.dictionary_tasks, "selects the stories of the model-level "
+                "dictionary; it needs --dictionary-scope model (the default)")
         check_output_location(self.output_dir, self.bids_dir, self.derivatives)
         if self.bids_database_dir is not None:
             if not isinstance(self.bids_database_dir, (str, Path)):

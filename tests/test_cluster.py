@@ -62,13 +62,18 @@ def test_venv_scripts_array_dependencies_and_labels(tmp_path, capsys):
     assert 'sed -n "${SLURM_ARRAY_TASK_ID}p"' in part
     run = part.splitlines()[-1]
     assert run.startswith(f'"${{APP[@]}}" {ds} {out} participant --participant-label "$label" --skip-bids-validation')
-    assert '--nprocs "${SLURM_CPUS_PER_TASK:-1}" --mem-mb 3000 --group-model fixed --model minilm-l6' in run
+    db = scripts / "bidsdb"  # one PyBIDS index for every job
+    assert (f'--nprocs "${{SLURM_CPUS_PER_TASK:-1}}" --mem-mb 3000 --bids-database-dir {db} --group-model fixed '
+            '--model minilm-l6') in run
+    assert f"mkdir -p {out} {tmp_path / 'cache'} {db}" in part
 
     group = (scripts / "group.sbatch").read_text().splitlines()
     assert "#SBATCH --array" not in "\n".join(group)
-    assert group[-1].startswith(f'"${{APP[@]}}" {ds} {out} group ') and group[-1].endswith("--group-model fixed --model minilm-l6")
+    assert group[-1].startswith(f'"${{APP[@]}}" {ds} {out} group ') and group[-1].endswith(
+        f"--bids-database-dir {db} --group-model fixed --model minilm-l6")
     prep = (scripts / "prepare.sbatch").read_text().splitlines()[-1]
-    assert prep == f'"${{PREPARE[@]}}" --prepare-only {ds} {out} -- --group-model fixed --model minilm-l6'
+    assert prep == (f'"${{PREPARE[@]}}" --prepare-only {ds} {out} -- --nprocs "${{SLURM_CPUS_PER_TASK:-1}}" '
+                    f'--mem-mb 3000 --bids-database-dir {db} --group-model fixed --model minilm-l6')
     for name in ("prepare.sbatch", "participant.sbatch", "group.sbatch", "submit.sh"):
         subprocess.run(["bash", "-n", str(scripts / name)], check=True)
 
@@ -105,3 +110,49 @@ def test_container_gpu_labels_and_no_prepare(tmp_path):
     assert part.splitlines()[-1].count("--skip-bids-validation") == 1
     calls = subprocess.run(["grep", "-c", "afterok", str(scripts / "submit.sh")], capture_output=True, text=True)
     assert calls.stdout.strip() == "1"  # only the group job waits (on the array)
+
+
+def test_a_database_dir_given_to_the_app_is_not_added_twice(tmp_path):
+    ds = _bids(tmp_path)
+    scripts = tmp_path / "s"
+    assert main([str(ds), str(tmp_path / "out"), "--script-dir", str(scripts), "--no-prepare",
+                 "--", "--bids-database-dir", str(tmp_path / "mine")]) == 0
+    run = (scripts / "participant.sbatch").read_text().splitlines()[-1]
+    assert run.count("--bids-database-dir") == 1 and str(tmp_path / "mine") in run
+
+
+def test_prepare_learns_the_model_level_dictionary_and_indexes_once(tmp_path):
+    """The prepare job's step: the array's participant jobs then find the index and the dictionary."""
+    import json
+
+    from bids_llm_encode.cli import run
+
+    from layouts import make_layout
+
+    root = make_layout(tmp_path / "ds", subjects=("01", "02"), n_frames=80)
+    out, db, cache = tmp_path / "out", tmp_path / "db", tmp_path / "cache"
+    app = ["--model", "minilm-l6", "--n-atoms", "3", "--restarts", "1", "--cache-dir", str(cache),
+           "--bids-database-dir", str(db), "--nprocs", "1"]
+    assert main(["--prepare-only", "--no-validate", str(root), str(out), "--", *app]) == 0
+    card = json.loads((out / "stimuli" / "model-minilm-l6" / "modelcard.json").read_text())
+    assert [s["story"] for s in card["stories"]] == ["pieman"]
+    assert (db / "raw" / "layout_index.sqlite").is_file() and (db / "derivatives" / "layout_index.sqlite").is_file()
+    entries = [p for p in (cache / "dictionary").iterdir() if not p.name.startswith(".")]
+    assert len(entries) == 1
+    # a participant job afterwards: the same entry (nothing learned again), the same key in its record
+    import nibabel as nib
+    import numpy as np
+
+    mask = next((root / "derivatives" / "fmriprep").rglob("*brain_mask.nii.gz"))
+    labels = np.zeros((4, 4, 4), np.int16)
+    labels[1:3, 1:3, 1:2], labels[1:3, 1:3, 2:3] = 1, 2
+    nib.save(nib.Nifti1Image(labels, nib.load(mask).affine), tmp_path / "atlas.nii.gz")
+    (tmp_path / "atlas.tsv").write_text("index\tname\n1\tA\n2\tB\n")
+    before = {p: p.stat().st_mtime_ns for p in entries}
+    assert run([str(root), str(out), "participant", "--participant-label", "01", "--skip-bids-validation",
+                "--n-permutations", "20", "--cv-folds", "2", "--baselines", "none", "--fbn-atlas",
+                str(tmp_path / "atlas.nii.gz"), "--n-spatial-null", "20", "--n-consistency-null", "100", *app]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (cache / "dictionary").iterdir()
+            if not p.name.startswith(".")} == before
+    record = json.loads((out / "sub-01" / "sub-01_completion.json").read_text())
+    assert record["dictionary"] == card["dictionary_key"]

@@ -362,7 +362,8 @@ def test_existing_empty_folder_is_filled_in_place(tmp_path, monkeypatch):
 def test_model_atoms_plant(tmp_path):
     from bids_llm_encode.cache import Cache
     from bids_llm_encode.config import Config
-    from bids_llm_encode.workflows.stimulus import run_design, story_dictionary
+    from bids_llm_encode.bids.inputs import dataset_stories
+    from bids_llm_encode.workflows.stimulus import model_dictionary, run_design, story_activations, story_dictionary
 
     # BIDS_LLM_ENCODE_DEMO_SPARSITY overrides the dictionary sparsity (both in the plant and below)
     options = {}
@@ -381,7 +382,12 @@ def test_model_atoms_plant(tmp_path):
     cfg = Config(bids_dir=root, output_dir=tmp_path / "out", analysis_level="participant", **options)
     assert t["plant"]["settings"]["sparsity"] == cfg.sparsity and t["plant"]["settings"]["model"] == cfg.model
     run = find_runs(cfg)[0]
-    acts, dictionary = story_dictionary(run.story, cfg, Cache(os.environ["BIDS_LLM_ENCODE_CACHE"]))
+    cache = Cache(os.environ["BIDS_LLM_ENCODE_CACHE"])
+    # the default --dictionary-scope model: the dataset's stories (the demo's one), as the participant level
+    acts = story_activations(run.story, cfg, cache)
+    dictionary = model_dictionary(dataset_stories(cfg), cfg, cache)
+    _, own = story_dictionary(run.story, cfg, cache)  # one story: the same atoms at story scope
+    assert np.array_equal(dictionary.atoms, own.atoms)
     design = run_design(run.frame_times - run.story_onset, run.story, acts, dictionary, cfg)
     sig = pd.read_csv(root / t["runs"][0]["signals_tsv"], sep="\t")
     for name, k in idx.items():

@@ -181,7 +181,7 @@ def _outputs(tmp_path: Path, units: dict, model: str = "smollm2-135m"):
     nib.save(nib.Nifti1Image(data, aff), atlas)
     (tmp_path / "atlas.tsv").write_text("index\tname\n1\tA\n2\tB\n")
     argv = [str(root), str(out), "group", "--cache-dir", str(tmp_path / "cache"), "--fbn-atlas", str(atlas),
-            "--n-spatial-null", "100", "--n-consistency-null", "100"]
+            "--n-spatial-null", "100", "--n-consistency-null", "100", "--dictionary-scope", "story"]
     return argv, files, maps
 
 
@@ -289,7 +289,8 @@ def test_two_story_multi_echo_4d_mask_session_run_end_to_end(tmp_path):
     opts = ["--skip-bids-validation", "--cache-dir", str(tmp_path / "cache"), "--model", "minilm-l6",
             "--n-atoms", "4", "--restarts", "1", "--n-permutations", "20", "--cv-folds", "2",
             "--fbn-atlas", str(tmp_path / "atlas.nii.gz"), "--n-spatial-null", "20",
-            "--n-consistency-null", "100", "--bids-database-dir", str(tmp_path / "db")]
+            "--n-consistency-null", "100", "--bids-database-dir", str(tmp_path / "db"),
+            "--dictionary-scope", "story"]  # today's per-story atoms; model scope: the test below
     assert run([str(root), str(out), "participant", *opts]) == 0
     func = out / "sub-01" / "ses-01" / "func"
     for story in ("friends", "bigbang"):

@@ -504,7 +504,7 @@ def test_participant_rerun_removes_its_leftover_temps(tmp_path, monkeypatch):
     ran = []
     monkeypatch.setattr(wp.Participant, "run", lambda self: ran.append(left.exists()))
     cfg = Config(bids_dir=root, output_dir=out, analysis_level="participant", skip_bids_validation=True,
-                 cache_dir=tmp_path / "cache")
+                 cache_dir=tmp_path / "cache", dictionary_scope="story")  # model scope learns before the loop
     wp.run_participant_level(cfg)
     assert ran == [False] and not left.exists()
 
@@ -548,7 +548,8 @@ def test_group_level_after_an_interrupted_participant_exit_66(tmp_path, capsys, 
     else:
         missing = w.story_path("pieman", "smollm2-135m", "atoms.tsv")
     with caplog.at_level(logging.WARNING):
-        code = run([str(root), str(out), "group", "--cache-dir", str(tmp_path / "cache")])
+        code = run([str(root), str(out), "group", "--cache-dir", str(tmp_path / "cache"),
+                    "--dictionary-scope", "story"])  # the files above are a story's
     err = capsys.readouterr().err
     assert code == 66, err
     assert "Traceback" not in err

@@ -106,18 +106,22 @@ def test_group_links_match_the_truth(demo):
 
 
 def test_stimulus_outputs_are_consistent(demo):
-    model = demo["out"] / "stimuli" / "lighthouse" / "model-smollm2-135m"
+    model = demo["out"] / "stimuli" / "model-smollm2-135m"  # --dictionary-scope model (default)
+    story = demo["out"] / "stimuli" / "lighthouse" / "model-smollm2-135m"  # the story's atoms and neurons
     card = json.loads((model / "modelcard.json").read_text())
     assert card["n_neurons"] == 30 * 576 and card["n_words"] == demo["truth"]["story"]["n_words"]
+    assert [s["story"] for s in card["stories"]] == ["lighthouse"] and card["dictionary_scope"] == "model"
+    assert not (story / "modelcard.json").exists()
     loadings = sp.load_npz(model / "loadings.npz")
     assert loadings.shape == (64, card["n_neurons"])
     groups = pd.read_csv(model / "subgroups.tsv", sep="\t")
     assert (groups["size"].to_numpy() == np.diff(loadings.tocsr().indptr)).all()
     layer_cols = [c for c in groups.columns if c.startswith("layer_")]
     assert (groups[layer_cols].sum(axis=1) == groups["size"]).all()
-    atoms = pd.read_csv(model / "atoms.tsv", sep="\t")
+    atoms = pd.read_csv(story / "atoms.tsv", sep="\t")
     assert atoms.shape[1] == 65 and np.allclose(np.linalg.norm(atoms.iloc[:, 1:], axis=0), 1, atol=1e-3)
-    assert np.load(model / "neurons.npy").shape == (len(atoms), card["n_neurons"])
+    assert np.allclose(pd.read_csv(model / "atoms.tsv", sep="\t").iloc[:, 2:], atoms.iloc[:, 1:])  # one story
+    assert np.load(story / "neurons.npy").shape == (len(atoms), card["n_neurons"])
     chance = card["diversity_chance"]  # atoms of circularly shifted neurons: the shared structure gone
     assert chance["n_neurons"] == 4096 and chance["n_neurons_total"] == card["n_neurons"]
     assert 0 < chance["diversity_1_minus_abs_r"] <= 1

@@ -227,7 +227,7 @@ def test_group_level_reading_a_truncated_participant_map_exit_65(tmp_path, capsy
     root, out, _, needed = _group_outputs(tmp_path)
     broken = needed[3]  # atom01's z map
     broken.write_bytes(broken.read_bytes()[:-30])
-    code = run([str(root), str(out), "group", "--cache-dir", str(tmp_path / "cache")])
+    code = run([str(root), str(out), "group", "--cache-dir", str(tmp_path / "cache"), "--dictionary-scope", "story"])
     err = capsys.readouterr().err
     assert code == EXIT_DATA, err
     assert str(broken) in err and "truncated" in err and "sub-01" in err and "Traceback" not in err
@@ -238,7 +238,7 @@ def test_group_level_reading_a_broken_participant_table_exit_65(tmp_path, capsys
     root, out, files, _ = _group_outputs(tmp_path)
     atoms = files.story("pieman", "smollm2-135m", "atoms")
     atoms.write_text("time\tatom00\tatom01\n0.0\t1.0\t")
-    code = run([str(root), str(out), "group", "--cache-dir", str(tmp_path / "cache")])
+    code = run([str(root), str(out), "group", "--cache-dir", str(tmp_path / "cache"), "--dictionary-scope", "story"])
     err = capsys.readouterr().err
     assert code == EXIT_DATA, err
     assert str(atoms) in err and "Traceback" not in err

@@ -36,7 +36,7 @@ from .tables import check_confounds, read_events, read_text
 
 log = logging.getLogger(__name__)
 
-__all__ = ["normalize_labels", "find_runs", "run_summary", "load_filters", "story_name",
+__all__ = ["normalize_labels", "find_runs", "find_runs_and_stories", "dataset_stories", "index_dataset", "run_summary", "load_filters", "story_name",
            "timing_candidates", "stim_path", "check_run_baselines"]
 
 #: Entities a raw BOLD and its fMRIPrep outputs share. Not ``echo``: fMRIPrep's ``desc-preproc_bold``
@@ -381,11 +381,100 @@ def find_runs(config: Config) -> list[RunInputs]:
         broken WAV or ``--baseline-regressors`` table with 65, a missing table
         with 66).
     """
+    return _find_runs(config, _layouts(config))
+
+
+def index_dataset(config: Config) -> None:
+    """Build (or load) the PyBIDS index of ``bids_dir`` and the derivatives: with
+    ``--bids-database-dir``, saved for every later process (the cluster's first step)."""
+    _layouts(config)
+
+
+def find_runs_and_stories(config: Config) -> tuple[list[RunInputs], list[Story]]:
+    """:func:`find_runs` and :func:`dataset_stories` on one PyBIDS index (the dataset indexed once)."""
+    layouts = _layouts(config)
+    return _find_runs(config, layouts), dataset_stories(config, layouts[2])
+
+
+def dataset_stories(config: Config, raw=None) -> list[Story]:
+    """Every story of the dataset that has word timing: what the model-level dictionary is learned on.
+
+    The stories are those of **every** events.tsv of ``bids_dir`` (each distinct ``stim_file``;
+    word rows of an events file without one: a story named by its task), whatever
+    ``--participant-label``, ``--session-label``, ``--task-label`` or ``--bids-filter-file`` select,
+    so that participant jobs run in parallel (one participant each) all learn, and share, the same
+    dictionary. Only ``--dictionary-tasks`` restricts them (to the events of those tasks). A story
+    is read from the first events file (sorted by path) that names it, as :func:`find_runs` reads
+    it; a story without word timing is left out (logged): it cannot be given to the model.
+
+    Returns
+    -------
+    list of Story
+        Sorted by name (the order of the dictionary's frames).
+
+    Raises
+    ------
+    DataError (65)
+        A malformed events file (named) or timing file.
+    NoMatchError (18)
+        No story with word timing (in the ``--dictionary-tasks``).
+    """
+    if raw is None:
+        raw = _layouts(config)[2]
+    bids_dir = Path(config.bids_dir)
+    tasks = normalize_labels(config.dictionary_tasks, "task")
+    query = dict(suffix="events", extension=".tsv")
+    if tasks:
+        query["task"] = tasks
+    files = {os.path.realpath(f.path): f for f in raw.get(**query)}.values()  # a file once (links)
+    first: dict[str, tuple[Path, str, str]] = {}  # story -> (events, stim_file, task)
+    for f in sorted(files, key=lambda f: f.path):
+        events = Path(f.path)
+        task = str(f.get_entities().get("task", ""))
+        header, rows = _read_events(events)
+        stims = []
+        if "stim_file" in header:
+            i = header.index("stim_file")
+            for lineno, cells in rows:
+                sf = cells[i]
+                if sf and sf != "n/a" and sf not in stims:
+                    _check_stim_file(sf, bids_dir, events, lineno)
+                    stims.append(sf)
+        for sf in stims or [""]:
+            name = story_name(sf) if sf else task
+            if name and name not in first:
+                first[name] = (events, sf, task)
+    stories, without = [], []
+    for name, (events, sf, task) in sorted(first.items()):
+        try:
+            if sf:
+                story = _story_timing(events, bids_dir, sf, 0.0, False, several=False)[0]
+            else:
+                story = read_events_words(events, task)
+                if story is None:
+                    raise MissingInputError(f"{events}: no stim_file and no word rows")
+        except MissingInputError:
+            without.append(name)
+            continue
+        stories.append(story)
+    if without:
+        log.info("dictionary: %d story(ies) without word timing left out: %s", len(without),
+                 ", ".join(without))
+    if not stories:
+        raise NoMatchError(f"no story with word timing in {bids_dir}"
+                           + (f" for --dictionary-tasks {tasks}" if tasks else "")
+                           + "; the model-level dictionary needs at least one")
+    log.info("dictionary: %d story(ies) of the dataset with word timing: %s", len(stories),
+             ", ".join(s.name for s in stories))
+    return stories
+
+
+def _find_runs(config: Config, layouts) -> list[RunInputs]:
     from bids.layout import Query
 
     from ..signal.baselines import requested_baselines
 
-    bids_dir, deriv, raw, der = _layouts(config)
+    bids_dir, deriv, raw, der = layouts
     want_phones = "phoneme_rate" in requested_baselines(config)[0]
     subjects = normalize_labels(config.participant_label, "sub")
     sessions = normalize_labels(config.session_label, "ses")

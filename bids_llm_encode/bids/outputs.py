@@ -11,7 +11,8 @@ Layout of ``output_dir``::
     group.html                         # group report                 (group_report_path)
     sub-<X>/[ses-<Y>/]func/sub-<X>_..._<suffix>.<ext>  (+ .json sidecar)   (path)
     stimuli/<story>/model-<model>/<name>               (+ .json sidecar)   (story_path)
-    group/[<story>/]<name>                             (+ .json sidecar)   (group_path)
+    stimuli/model-<model>/<name>                       (+ .json sidecar)   (model_path: the model-level dictionary)
+    group/[<story>/]<name>                             (+ .json sidecar)   (group_path; no story: the dataset level)
     logs/config_<level>[_sub-<X>].json                 # resolved configuration (write_config)
 
 Several participant-level processes may write into the same ``output_dir`` at
@@ -576,6 +577,11 @@ class DerivativesWriter:
         return (self.output_dir / "stimuli" / _check_name(story, "story")
                 / f"model-{_check_name(model, 'model')}" / _check_name(name, "file name"))
 
+    def model_path(self, model: str, name: str) -> Path:
+        """Path of a file of the model-level dictionary (``--dictionary-scope model``), shared by all
+        stories and participants: ``output_dir/stimuli/model-<model>/<name>``."""
+        return self.output_dir / "stimuli" / f"model-{_check_name(model, 'model')}" / _check_name(name, "file name")
+
     def group_path(self, name: str, story: Optional[str] = None) -> Path:
         """Path of a group-level file: ``output_dir/group/[<story>/]<name>``."""
         folder = self.output_dir / "group"
@@ -950,6 +956,24 @@ class OutputFiles:
             raise ValueError(f"unknown stimulus file {kind!r}; known: {sorted(self.STORY_FILES)}")
         return self.writer.story_path(story, model, self.STORY_FILES[kind])
 
+    # the model-level dictionary (--dictionary-scope model): output_dir/stimuli/model-<model>/
+    MODEL_FILES = {"modelcard": "modelcard.json", "atoms": "atoms.tsv", "loadings": "loadings.npz",
+                   "loadings_table": "loadings.tsv", "subgroups": "subgroups.tsv", "stability": "stability.tsv"}
+
+    def model(self, model: str, kind: str) -> Path:
+        """``kind`` one of :attr:`MODEL_FILES`: the one dictionary of the model over the dataset's stories."""
+        if kind not in self.MODEL_FILES:
+            raise ValueError(f"unknown model-level file {kind!r}; known: {sorted(self.MODEL_FILES)}")
+        return self.writer.model_path(model, self.MODEL_FILES[kind])
+
+    def dictionary_files(self, scope: str, story: str, model: str, kind: str) -> Path:
+        """Where the dictionary's ``kind`` file of ``story`` is: its own folder (``story`` scope), or
+        the model level's (``model`` scope), except ``atoms`` and ``neurons``, which are per story
+        at both scopes (at model scope: the story's rows of the model-level atoms)."""
+        if scope == "model" and kind in self.MODEL_FILES and kind != "atoms":
+            return self.model(model, kind)
+        return self.story(story, model, kind)
+
     # reports: output_dir/sub-X.html, output_dir/group.html
     def report(self, subject: str) -> Path:
         return self.writer.report_path(subject)
@@ -957,14 +981,23 @@ class OutputFiles:
     def group_report(self) -> Path:
         return self.writer.group_report_path()
 
-    # group level: output_dir/group/<story>/
-    def group_statmap(self, story: str, desc: str, stat: str) -> Path:
+    # group level: output_dir/group/<story>/, and output_dir/group/ for the dataset level
+    # (story None): no task entity, as a BIDS file that applies to every task omits it
+    # (inheritance principle), and no made-up story label ("task-all") that a real story
+    # named "all" would collide with.
+    @staticmethod
+    def _task(story: Optional[str]) -> str:
+        return "" if story is None else f"task-{label(story)}_"
+
+    def group_statmap(self, story: Optional[str], desc: str, stat: str) -> Path:
+        """``group/<story>/task-<story>_space-..._statmap.nii.gz``; story None: ``group/space-...``."""
         return self.writer.group_path(
-            f"task-{label(story)}_space-{label(self.space)}_desc-{label(desc)}_stat-{label(stat)}"
+            f"{self._task(story)}space-{label(self.space)}_desc-{label(desc)}_stat-{label(stat)}"
             "_statmap.nii.gz", story)
 
-    def group_table(self, story: str, atlas: str, suffix: str, extension: str = ".tsv") -> Path:
-        return self.writer.group_path(f"task-{label(story)}_desc-{label(atlas)}_{label(suffix)}{extension}",
+    def group_table(self, story: Optional[str], atlas: str, suffix: str, extension: str = ".tsv") -> Path:
+        """``group/<story>/task-<story>_desc-<atlas>_<suffix>``; story None: ``group/desc-<atlas>_<suffix>``."""
+        return self.writer.group_path(f"{self._task(story)}desc-{label(atlas)}_{label(suffix)}{extension}",
                                       story)
 
     def model_comparison(self) -> Path:

@@ -249,8 +249,8 @@ def choose_distinct_atoms(atoms: np.ndarray, n: int, max_abs_r: float = 0.3) -> 
 class ModelAtomsPlant:
     """Signals = chosen atoms of the embedded model's dictionary, learned on the story.
 
-    Uses ``bids_llm_encode.workflows.stimulus.story_dictionary`` and ``run_design``
-    exactly as the participant workflow does, with a :class:`~bids_llm_encode.config.Config`
+    Uses ``bids_llm_encode.workflows.stimulus.model_dictionary`` (``story_dictionary`` with
+    ``dictionary_scope="story"``) and ``run_design`` exactly as the participant workflow does, with a :class:`~bids_llm_encode.config.Config`
     built from ``config_overrides`` (model, n_atoms, sparsity, seed ...). The
     atoms are chosen by :func:`choose_distinct_atoms` unless ``atom_indices`` is given.
 
@@ -292,13 +292,17 @@ class ModelAtomsPlant:
     def prepare(self, story: Story, work_dir: Path) -> None:
         """Learn (or read from the cache) the story's dictionary and bind signals to atoms."""
         from ..cache import Cache, cache_root
-        from ..workflows.stimulus import story_dictionary
+        from ..workflows.stimulus import model_dictionary, story_activations, story_dictionary
 
         cfg = self._config(work_dir)
         cache = Cache(cache_root(cfg))
-        log.info("model-atoms plant: computing the %s dictionary of story %r (K=%d)",
-                 cfg.model, story.name, cfg.n_atoms)
-        activations, dictionary = story_dictionary(story, cfg, cache)
+        log.info("model-atoms plant: computing the %s dictionary of story %r (K=%d, --dictionary-scope %s)",
+                 cfg.model, story.name, cfg.n_atoms, cfg.dictionary_scope)
+        if cfg.dictionary_scope == "model":  # the demo's one story is the dataset's: its model-level dictionary
+            activations = story_activations(story, cfg, cache)
+            dictionary = model_dictionary([story], cfg, cache)
+        else:
+            activations, dictionary = story_dictionary(story, cfg, cache)
         index = {}
         if self.atom_indices is not None:
             index = {k: int(v) for k, v in self.atom_indices.items()}

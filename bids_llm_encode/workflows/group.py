@@ -31,12 +31,15 @@ from ..bids.tables import read_json, read_tsv
 log = logging.getLogger(__name__)
 
 
-def _participant_stories(writer: DerivativesWriter, config: Config) -> tuple[dict[str, list[dict]], list[str]]:
+def _participant_stories(writer: DerivativesWriter, config: Config, dictionary_key: str | None = None
+                         ) -> tuple[dict[str, list[dict]], list[str]]:
     """story -> entities (sub, [ses,] task-<story>) of every complete participant output, and the skipped.
 
     A participant counts only with its completion record (``sub-X/sub-X_completion.json``,
-    written last by a participant run that finished) made with this ``--model``; the others
-    are listed, each with why, in the second value (and logged).
+    written last by a participant run that finished) made with this ``--model`` and
+    ``--dictionary-scope`` (at model scope: with the model-level dictionary whose cache key is
+    ``dictionary_key``, the one ``stimuli/model-<model>/modelcard.json`` names); the others are
+    listed, each with why, in the second value (and logged).
     """
     out: dict[str, list[dict]] = defaultdict(list)
     skipped: list[str] = []
@@ -62,9 +65,17 @@ def _participant_stories(writer: DerivativesWriter, config: Config) -> tuple[dic
             except (DataError, KeyError) as exc:
                 why = f"unreadable completion record ({exc}); rerun the participant level for it"
             else:
+                scope = data.get("dictionary_scope", "story")  # records before the option: per story
                 if data.get("model") != config.model:
                     why = (f"made with --model {data.get('model')}, not {config.model}; give the model "
                            "the participant level used")
+                elif scope != config.dictionary_scope:
+                    why = (f"made with --dictionary-scope {scope}, not {config.dictionary_scope}; give the "
+                           "scope the participant level used (or rerun it)")
+                elif dictionary_key is not None and data.get("dictionary") != dictionary_key:
+                    why = ("its maps are of another model-level dictionary (other stories or settings) "
+                           f"than {files.model(model_label(config), 'modelcard')}; rerun the participant "
+                           "level for it")
         if why:
             skipped.append(f"sub-{sub}: {why}")
             log.warning("group: sub-%s skipped: %s", sub, why)
@@ -92,7 +103,17 @@ def run_group_level(config: Config) -> None:
     writer = DerivativesWriter(config.output_dir, config)
     writer.remove_temps(writer.output_dir / "group")  # leftovers of a killed group run
     writer.write_config(config.resolved(), "group")
-    stories, incomplete = _participant_stories(writer, config)
+    model_scope = config.dictionary_scope == "model"
+    key = None
+    if model_scope:
+        card = OutputFiles(writer, config.space).model(model_label(config), "modelcard")
+        if not card.exists():
+            raise MissingInputError(f"{card}: the model-level dictionary is missing (no participant run "
+                                    f"with --model {config.model} and --dictionary-scope model finished "
+                                    "here); run the participant level into this folder first, or give "
+                                    "the --dictionary-scope it used")
+        key = read_json(card, "model card").get("dictionary_key")
+    stories, incomplete = _participant_stories(writer, config, key)
     if not stories and incomplete:
         raise MissingInputError(f"{config.output_dir}: no participant is complete; skipped:\n  "
                                 + "\n  ".join(incomplete))
@@ -110,15 +131,27 @@ def run_group_level(config: Config) -> None:
             "Not in the group results (no complete participant run): " + "; ".join(incomplete), kind="warning")
     all_metrics = {}
     skipped = []
+    if model_scope:  # the dataset level first: every participant once, all its stories and sessions
+        everything = [e for _, ents in sorted(stories.items()) for e in ents]
+        log.info("group: dataset level, %d participant(s), %d participant-story output(s)",
+                 len({e["sub"] for e in everything}), len(everything))
+        dataset = GroupStory(None, everything, config, cache, writer, report).run()
     for story, entities in sorted(stories.items()):
+        n_subs = len({e["sub"] for e in entities})
+        if model_scope and n_subs < MIN_STORY_PARTICIPANTS:
+            log.info("group: story %s: %d participant(s); per-story group outputs need %d (its maps are in "
+                     "the dataset level)", story, n_subs, MIN_STORY_PARTICIPANTS)
+            continue
         log.info("group: story %s, %d participant output(s)", story, len(entities))
         try:
             all_metrics[story] = GroupStory(story, entities, config, cache, writer, report).run()
         except MissingInputError as exc:  # e.g. every participant of the story was interrupted
-            if len(stories) == 1:
+            if len(stories) == 1 and not model_scope:
                 raise
             log.warning("group: story %s skipped: %s", story, exc)
             skipped.append(f"{story}: {exc}")
+    if model_scope:  # links, agreement, metrics and --compare: the dataset level's
+        all_metrics = {DATASET_LABEL: dataset}
     if not all_metrics:
         raise MissingInputError("no story has complete participant outputs:\n  " + "\n  ".join(skipped))
     comparison = compare_models(config, writer, report, all_metrics)
@@ -130,11 +163,29 @@ def run_group_level(config: Config) -> None:
     log.info("group level done in %.0f s: %s", time.perf_counter() - t0, html)
 
 
+#: Participants a story needs for its own group outputs at --dictionary-scope model.
+MIN_STORY_PARTICIPANTS = 3
+#: The ``story`` of the dataset level in metrics and the model comparison.
+DATASET_LABEL = "all"
+
+
 class GroupStory:
+    """The group level of one story (``story``), or of the dataset (``story`` None: every
+    participant's stories, runs and sessions combined by fixed effects, then random effects
+    over participants; ``--dictionary-scope model`` only)."""
+
     def __init__(self, story, entities, config, cache, writer, report):
         self.story, self.entities, self.config = story, entities, config
         self.cache, self.writer, self.report = cache, writer, report
         self.files = OutputFiles(writer, config.space)
+        self.title = f"story {story}" if story is not None else "dataset level (all stories)"
+
+    def _dictionary_file(self, kind: str) -> Path:
+        """A file of the dictionary the maps were made with: the model level's (model scope), else the story's."""
+        model = model_label(self.config)
+        if self.config.dictionary_scope == "model":
+            return self.files.model(model, kind)
+        return self.files.story(self.story, model, kind)
 
     def _map(self, ent: dict, desc: str, stat: str) -> Path:
         return self.files.statmap(ent, desc, stat)
@@ -149,21 +200,20 @@ class GroupStory:
         from ..report import figures as fig
         from .report import network_metrics_section
 
-        cfg, writer, story = self.config, self.writer, self.story
-        model = model_label(cfg)
-        atoms_tsv = self.files.story(story, model, "atoms")
-        for f in (atoms_tsv, self.files.story(story, model, "modelcard"),
-                  self.files.story(story, model, "subgroups")):
+        cfg, writer, story, title = self.config, self.writer, self.story, self.title
+        atoms_tsv = self._dictionary_file("atoms")
+        for f in (atoms_tsv, self._dictionary_file("modelcard"), self._dictionary_file("subgroups")):
             if not f.exists():
-                raise MissingInputError(f"{f}: the story's atoms are missing (a participant run with "
+                raise MissingInputError(f"{f}: the atoms are missing (a participant run with "
                                         f"--model {cfg.model} was interrupted, or none ran); run the "
                                         "participant level into this folder first")
-        atoms_df = read_tsv(atoms_tsv, "atoms table", numeric="all", quoted=True)
-        names = [c for c in atoms_df.columns if c.startswith("atom")]
-        atoms = atoms_df[names].to_numpy()
-        card = read_json(self.files.story(story, model, "modelcard"), "model card")
-        sub_df = read_tsv(self.files.story(story, model, "subgroups"), "sub-group table", quoted=True)
-        stab_path = self.files.story(story, model, "stability")
+        head = read_tsv(atoms_tsv, "atoms table", quoted=True, nrows=0)  # model level: a 'story' column
+        names = [c for c in head.columns if c.startswith("atom")]
+        atoms = read_tsv(atoms_tsv, "atoms table", numeric="all" if cfg.dictionary_scope == "story" else
+                         ["time", *names], quoted=True)[names].to_numpy(dtype=float)
+        card = read_json(self._dictionary_file("modelcard"), "model card")
+        sub_df = read_tsv(self._dictionary_file("subgroups"), "sub-group table", quoted=True)
+        stab_path = self._dictionary_file("stability")
         stable = None  # atoms below --min-stability are not linked at the group level either
         if stab_path.exists():
             stab = read_tsv(stab_path, "stability table", required=("atom", "linkable"), quoted=True)
@@ -173,15 +223,15 @@ class GroupStory:
         for e in self.entities:  # a participant killed while writing its maps has only some of them
             absent = [f for f in self._needed(e, names) if not f.exists()]
             if absent:
-                log.warning("story %s: sub-%s skipped: its outputs are incomplete (%d missing, e.g. %s); "
-                            "rerun the participant level for it", story, e["sub"], len(absent), absent[0])
+                log.warning("%s: sub-%s skipped: its outputs are incomplete (%d missing, e.g. %s); "
+                            "rerun the participant level for it", title, e["sub"], len(absent), absent[0])
             else:
                 ents.append(e)
         for e in ents:  # every map's header and completeness, before the first is used (exit 65)
             for f in self._needed(e, names):
                 check_image(f, "participant map", (3,), self._hint(e))
         if not ents:
-            raise MissingInputError(f"story {story}: no participant has complete atom maps in "
+            raise MissingInputError(f"{title}: no participant has complete atom maps in "
                                     f"{writer.output_dir}; run (or rerun) the participant level first")
         # The participant is the unit: its sessions' maps of the story are combined first (fixed effects)
         units: dict[str, list[dict]] = defaultdict(list)
@@ -193,8 +243,8 @@ class GroupStory:
         mask = np.asarray(brain.dataobj) > 0
         n = len(subs)
         if n < len(ents):
-            log.info("story %s: %d participant(s) with %d session output(s); each participant's sessions "
-                     "combined by fixed effects first (nilearn compute_fixed_effects)", story, n, len(ents))
+            log.info("%s: %d participant(s) with %d story/session output(s); each participant's outputs "
+                     "combined by fixed effects first (nilearn compute_fixed_effects)", title, n, len(ents))
         sources = [self._map(e, desc=names[0], stat="effect") for e in ents]
 
         z_by_atom: list = [None] * len(names)  # atoms x (participants, voxels), filled atom by atom below
@@ -204,11 +254,11 @@ class GroupStory:
         design = pd.DataFrame({"intercept": np.ones(n)})
         random_fx = cfg.group_model == "random" and n >= 2
         if cfg.group_model == "random" and n < 2:
-            log.warning("story %s: one participant: no random-effects test; the group maps are "
-                        "that participant's (fixed effects)", story)
+            log.warning("%s: one participant: no random-effects test; the group maps are "
+                        "that participant's (fixed effects)", title)
         elif cfg.group_model == "random" and n < 3:
-            log.warning("story %s: %d participants: a random-effects test has %d degree(s) of "
-                        "freedom; consider --group-model fixed", story, n, n - 1)
+            log.warning("%s: %d participants: a random-effects test has %d degree(s) of "
+                        "freedom; consider --group-model fixed", title, n, n - 1)
         for k, name in enumerate(names):
             effects = [self._map(e, desc=name, stat="effect") for e in ents]
             unit_effects, z_by_atom[k] = self._unit_maps(name, brain, mask)  # one atom's images at a time
@@ -232,7 +282,10 @@ class GroupStory:
                     {"Description": f"Group {stat} map of atom {k}: {how}.", "GroupModel":
                      "random" if random_fx else "fixed", "Participants": subs,
                      "SessionsCombined": "fixed effects (nilearn compute_fixed_effects, precision-weighted) "
-                     "within a participant, before the group model"}, effects)
+                     "within a participant, before the group model",
+                     **({} if story is not None else {"StoriesCombined": "each participant's stories, runs "
+                        "and sessions: fixed effects, as its sessions", "Stories": sorted(
+                            {e["task"] for e in ents})})}, effects)
 
         cv_r2 = self._unit_mean(lambda e: self._load(self._map(e, desc="cv", stat="rsquared"), e)[1][mask])
         mean_r2 = cv_r2.mean(axis=0)
@@ -258,7 +311,8 @@ class GroupStory:
             ceiling_info = {"median ISC ceiling": round(float(np.median(isc)), 3),
                             f"median CV r / ISC (ISC >= {MIN_CEILING})": round(float(np.nanmedian(frac)), 3)}
 
-        sec = self.report.add_section(f"Story '{story}'", anchor=f"story-{story}")
+        sec = self.report.add_section(f"Story '{story}'" if story is not None else "All stories (dataset level)",
+                                      anchor=f"story-{story}" if story is not None else "dataset")
         sec.keyvalues({"participants": n, "atoms": len(names), "dictionary R²": card.get("dictionary_r2"),
                        "mean CV R² (max voxel)": round(float(mean_r2.max()), 3), **ceiling_info})
         if isc is not None:
@@ -292,7 +346,8 @@ class GroupStory:
                 corr, atoms, sub_df, float(card["dictionary_r2"]), mean_r2, networks=list(atlas.labels),
                 eligible=linkable_atoms(corr, atoms.shape[1]), n_null=cfg.n_consistency_null,
                 seed=cfg.seed, diversity_chance=card.get("diversity_chance"))
-            summary = dict(summary, atlas=atlas.name, model=cfg.model, story=story, participants=n)
+            summary = dict(summary, atlas=atlas.name, model=cfg.model,
+                           story=story if story is not None else DATASET_LABEL, participants=n)
             meta = {"Atlas": atlas.name, "MapThreshold": cfg.map_threshold, "MapRule": cfg.map_rule,
                     "Participants": n, **null_meta(corr)}
             writer.write_tsv(corr, self.files.group_table(story, atlas.name, "overlap"),
@@ -315,10 +370,11 @@ class GroupStory:
                              sources)
             writer.write_json(summary, self.files.group_table(story, atlas.name, "metrics", ".json"), sources)
             metrics_out[atlas.name] = summary
-            log.info("group %s %s: %d link(s)", story, atlas.name, len(links))
+            log.info("group %s %s: %d link(s)", title, atlas.name, len(links))
 
-            sec = self.report.add_section(f"Networks ({atlas.name}), '{story}'",
-                                          anchor=f"networks-{desc}-{story}")
+            sec = self.report.add_section(f"Networks ({atlas.name}), " + (f"'{story}'" if story is not None
+                                                                          else "all stories"),
+                                          anchor=f"networks-{desc}-{story if story is not None else 'dataset'}")
             sec.note(f"Spatial null: {corr.attrs.get('null_description')}; a link needs q < "
                      f"{cfg.fdr_alpha} and Dice >= {cfg.min_dice}.", kind="info")
             sec.figure(fig.correspondence_heatmap(corr), "Group atom maps. "
@@ -405,6 +461,9 @@ class GroupStory:
         from ..encoding.ceiling import isc_ceiling
 
         subs = sorted({e["sub"] for e in ents})
+        if self.story is None:
+            log.info("dataset level: no ISC ceiling (it is of one story: see the per-story outputs)")
+            return None
         if len(subs) < 3:
             log.info("story %s: %d participant(s): no ISC ceiling (needs 3)", self.story, len(subs))
             return None
@@ -442,11 +501,13 @@ def compare_models(config: Config, writer: DerivativesWriter, report, own: dict)
     for story, per_atlas in own.items():
         for atlas, summary in per_atlas.items():
             rows.append(dict(summary, output_dir=str(config.output_dir)))
+    model_scope = config.dictionary_scope == "model"  # the dataset level's metrics, group/*_metrics.json
+    pattern = "group/*_metrics.json" if model_scope else "group/*/*_metrics.json"
     for other in config.compare:
-        found = sorted(Path(other).glob("group/*/*_metrics.json"))
+        found = sorted(Path(other).glob(pattern))
         if not found:
-            raise MissingInputError(f"--compare {other}: no group metrics (group/<story>/*_metrics.json); "
-                                    "run the group level there first")
+            raise MissingInputError(f"--compare {other}: no group metrics ({pattern}); run the group level "
+                                    f"there first (with --dictionary-scope {config.dictionary_scope})")
         for f in found:
             rows.append(dict(read_json(f, "group metrics"), output_dir=str(other)))
     table = pd.DataFrame([{k: v for k, v in row.items() if not isinstance(v, (dict, list))}

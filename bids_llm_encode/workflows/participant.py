@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path  # noqa: F401
 
 import nibabel as nib
@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from ..bids.images import AFFINE_ATOL_MM, check_mask, load_bold, unmask
-from ..bids.inputs import find_runs, run_summary
+from ..bids.inputs import find_runs, find_runs_and_stories, run_summary
 from ..bids.outputs import DerivativesWriter, label, model_label  # noqa: F401 - label: for importers
 from ..bids.outputs import OutputFiles as ParticipantFiles
 from ..bids.validate import validate_dataset
@@ -45,7 +45,11 @@ def run_participant_level(config: Config) -> None:
     else:
         validate_dataset(config.bids_dir)
         log.info("BIDS validation of %s: no errors", config.bids_dir)
-    runs = find_runs(config)  # every run's images, confounds and events checked (exit 65 naming a file)
+    model_scope = config.dictionary_scope == "model"
+    if model_scope:  # the dataset's stories, whatever the participant labels select (one dictionary)
+        runs, stories = find_runs_and_stories(config)
+    else:
+        runs = find_runs(config)  # every run's images, confounds and events checked (exit 65 naming a file)
     check_user_atlases(config.fbn_atlas)  # a broken --fbn-atlas file: exit 65 before the model runs
     by_subject: dict[str, list[RunInputs]] = defaultdict(list)
     for run in runs:
@@ -55,15 +59,55 @@ def run_participant_level(config: Config) -> None:
     log.info("found %d run(s) of %d participant(s): %s", len(runs), len(by_subject),
              ", ".join(f"sub-{s}" for s in sorted(by_subject)))
     writer = DerivativesWriter(config.output_dir, config)
+    shared = model_level_dictionary(stories, config, cache, writer) if model_scope else None
     for i, subject in enumerate(sorted(by_subject), 1):
         log.info("[%d/%d] participant sub-%s", i, len(by_subject), subject)
         # first: no completion record while this participant's outputs are being (re)written
         ParticipantFiles(writer, config.space).completion(subject).unlink(missing_ok=True)
         writer.remove_temps(writer.subject_dir(subject))  # leftovers of a killed run of this participant
         writer.write_config(config.resolved(), "participant", subject)
-        Participant(subject, by_subject[subject], config, cache, writer).run()
+        Participant(subject, by_subject[subject], config, cache, writer, shared).run()
     log.info("participant level done in %.0f s; outputs in %s", time.perf_counter() - t0,
              config.output_dir)
+
+
+@dataclass
+class SharedDictionary:
+    """The model-level dictionary (``--dictionary-scope model``) and what goes with it, for every story."""
+
+    stories: list  # of Story: what it was learned on
+    dictionary: Dictionary  # atoms: every story's frames (info["stories"] says whose)
+    diversity_chance: dict
+    subgroups: pd.DataFrame
+    key: str  # its cache key: names it in the completion records (the group level checks them)
+
+
+def model_level_dictionary(stories: list[Story], config: Config, cache: Cache,
+                           writer: DerivativesWriter) -> SharedDictionary:
+    """Learn (or read from the cache) the model-level dictionary and write its files once.
+
+    The first of several participant jobs started at once learns it; the others wait on the
+    cache's lock and read it (``workflows.stimulus.model_dictionary``).
+    """
+    from ..patterns.subgroups import subgroups as subgroup_table
+
+    dic = stimulus.model_dictionary(stories, config, cache)
+    div = stimulus.model_diversity_chance(stories, config, cache)
+    acts = stimulus.story_activations(stories[0], config, cache)  # the neurons' layers (the same for all)
+    sub_df = subgroup_table(dic.loadings, acts.layer, mode=config.subgroup)
+    key = stimulus.model_dictionary_key(stories, config, cache)
+    write_model_outputs(writer, stories, acts, dic, sub_df, config, div, key)
+    return SharedDictionary(stories, dic, div, sub_df, key)
+
+
+def prepare_dictionary(config: Config) -> SharedDictionary:
+    """The cluster's first step (``bids_llm_encode-slurm``): the model-level dictionary into the cache
+    and its files into ``output_dir``, before the participant array starts."""
+    from ..bids.inputs import dataset_stories
+
+    cache = Cache(cache_root(config))
+    return model_level_dictionary(dataset_stories(config), config, cache,
+                                  DerivativesWriter(config.output_dir, config))
 
 
 @dataclass
@@ -84,8 +128,9 @@ class Participant:
     """All stages for one participant; ``run()`` writes its derivatives and ``sub-X.html``."""
 
     def __init__(self, subject: str, runs: list[RunInputs], config: Config, cache: Cache,
-                 writer: DerivativesWriter):
+                 writer: DerivativesWriter, shared: SharedDictionary | None = None):
         self.subject, self.runs, self.config, self.cache, self.writer = subject, runs, config, cache, writer
+        self.shared = shared  # the model-level dictionary; None: one per story (--dictionary-scope story)
         self.files = ParticipantFiles(writer, config.space)
 
     def run(self) -> None:
@@ -125,6 +170,8 @@ class Participant:
                            "rerun. The group level uses only participants with this record.",
             "participant": self.subject, "bids_llm_encode": __version__, "model": cfg.model,
             "space": cfg.space, "n_atoms": cfg.n_atoms, "atom_model": cfg.atom_model,
+            "dictionary_scope": cfg.dictionary_scope,
+            "dictionary": self.shared.key if self.shared is not None else None,
             "fbn_atlas": list(cfg.fbn_atlas),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "stories": completed,
         }, self.files.completion(self.subject), sources=[r.bold for r in self.runs])
@@ -156,10 +203,15 @@ class Participant:
 
         cfg, writer = self.config, self.writer
         story = runs[0].story
-        acts, dic = stimulus.story_dictionary(story, cfg, self.cache)
-        div_chance = stimulus.diversity_chance(story, acts, cfg, self.cache)
-        sub_df = subgroup_table(dic.loadings, acts.layer, mode=cfg.subgroup)
-        write_stimulus_outputs(writer, story, acts, dic, sub_df, cfg, div_chance)
+        if self.shared is not None:  # the model-level dictionary: the same atoms for every story
+            acts = stimulus.story_activations(story, cfg, self.cache)
+            dic, div_chance, sub_df = self.shared.dictionary, self.shared.diversity_chance, self.shared.subgroups
+            write_story_atoms(writer, story, acts, dic, cfg, self.shared.key)
+        else:
+            acts, dic = stimulus.story_dictionary(story, cfg, self.cache)
+            div_chance = stimulus.diversity_chance(story, acts, cfg, self.cache)
+            sub_df = subgroup_table(dic.loadings, acts.layer, mode=cfg.subgroup)
+            write_stimulus_outputs(writer, story, acts, dic, sub_df, cfg, div_chance)
 
         mask_img = _common_mask(runs)
         mask = np.asarray(mask_img.dataobj) > 0
@@ -204,7 +256,8 @@ class Participant:
         for atlas in self.atlases(mask_img):
             corr[atlas.name], metrics[atlas.name] = self.networks(atlas, enc, dic, sub_df, mask_img,
                                                                   ent, sources, div_chance)
-        return StoryResult(story, acts, dic, enc, mask_img, corr, metrics, sub_df)
+        view = story_view(dic, story, acts, cfg) if self.shared is not None else dic  # the report's atoms
+        return StoryResult(story, acts, view, enc, mask_img, corr, metrics, sub_df)
 
     def write_encoding_maps(self, enc: EncodingResult, mask_img, ent: dict, sources) -> None:
         writer, cfg = self.writer, self.config
@@ -430,6 +483,125 @@ def write_stimulus_outputs(writer: DerivativesWriter, story: Story, acts: WordAc
                            dictionary=_card_info(dic.info), diversity_chance=diversity_chance,
                            settings_digest=settings),
                       card_path, src)
+
+
+#: Fields of a story's activations card that are not the model's (left out of the model-level card).
+_STORY_CARD_FIELDS = ("story", "n_words", "n_tokens", "seconds", "cache_key", "n_windows", "stored_dtype",
+                      "forward_tokens", "tokens_per_s", "forward_tokens_per_s", "batch_size")
+
+
+def write_model_outputs(writer: DerivativesWriter, stories: list[Story], acts: WordActivations,
+                        dic: Dictionary, sub_df: pd.DataFrame, cfg: Config, diversity_chance: dict,
+                        key: str) -> None:
+    """The model-level dictionary's files, ``stimuli/model-<model>/`` (``--dictionary-scope model``).
+
+    Written once per dictionary: ``modelcard.json`` holds its cache key (which names the stories
+    and the settings), and a later run with the same key writes nothing. A card of another key is
+    replaced (warned: earlier participants' maps belong to the old atoms). ``acts``: any story's
+    activations (the neurons' layers and units, the model's card).
+    """
+    from ..bids.tables import read_json
+    from ..patterns.consensus import STABILITY_COLUMNS, stability_table
+    from ..patterns.subgroups import loadings_table
+
+    model, files = model_label(cfg), ParticipantFiles(writer, cfg.space)
+    card_path = files.model(model, "modelcard")
+    if card_path.exists():
+        try:
+            old = read_json(card_path, "model card")
+        except DataError as exc:
+            log.warning("%s; rewriting the model-level files", exc)
+            old = {}
+        if isinstance(old, dict) and old.get("dictionary_key") == key:
+            return
+        if old:
+            log.warning("%s: another model-level dictionary (other stories or settings); rewriting it. "
+                        "Participants run before have maps of other atoms: rerun them.", card_path)
+    index = dic.info.get("stories", [])
+    src = [s.source for s in stories]
+    names = atom_names(dic.n_atoms)
+    atoms = pd.DataFrame(dic.atoms, columns=names)
+    atoms.insert(0, "time", dic.frame_times)
+    atoms.insert(0, "story", np.repeat([i["story"] for i in index], [i["n_frames"] for i in index]))
+    writer.write_tsv(atoms, files.model(model, "atoms"),
+                     {"Description": "Atom time courses of the model-level dictionary (D, unit-norm columns): "
+                      "every story's reference grid, the stories' rows one after the other (each story's "
+                      "neuron series z-scored on its own grid, then concatenated along frames).",
+                      "story": {"Description": "the story of the row"},
+                      "time": {"Description": "time from the start of the story's audio", "Units": "s"},
+                      "DictionaryR2": dic.r2, "Objective": dic.objective, "Alpha": dic.alpha}, src)
+    writer.write_npz(dic.loadings, files.model(model, "loadings"),
+                     {"Description": "Sparse loadings A (atoms x neurons) of the model-level dictionary, "
+                      "scipy.sparse CSR (scipy.sparse.load_npz)."}, src)
+    writer.write_tsv(loadings_table(dic.loadings, acts.layer, acts.unit), files.model(model, "loadings_table"),
+                     {"Description": "Non-zero loadings, long format: atom, neuron (column of X), layer, unit "
+                      "within layer, loading."}, src)
+    writer.write_tsv(sub_df, files.model(model, "subgroups"),
+                     {"Description": f"AN sub-group of each atom ({cfg.subgroup}): size, signs and histogram "
+                      "over layers."}, src)
+    table = stability_table(dic, cfg.min_stability)
+    writer.write_tsv(table, files.model(model, "stability"),
+                     {"Description": f"Stability of each atom over the {cfg.restarts} restarts of the consensus "
+                      "dictionary (docs/patterns.md, 'Stable atoms').",
+                      **{k: {"Description": v} for k, v in STABILITY_COLUMNS.items()},
+                      "Restarts": cfg.restarts, "MinStability": cfg.min_stability,
+                      "NLinkable": int(table["linkable"].sum())}, src)
+    card = {k: v for k, v in acts.card.items() if k not in _STORY_CARD_FIELDS}
+    writer.write_json(dict(card, dictionary_scope="model", stories=index, n_stories=len(index),
+                           n_words=int(sum(i["n_words"] for i in index)), n_frames=int(dic.atoms.shape[0]),
+                           dictionary_r2=dic.r2, n_atoms=dic.n_atoms, alpha=dic.alpha,
+                           sparsity=cfg.sparsity, atom_tr=cfg.atom_tr, hrf=cfg.hrf, an_centering=cfg.an_centering,
+                           subgroup=cfg.subgroup, restarts=cfg.restarts, min_stability=cfg.min_stability,
+                           dictionary_tasks=list(cfg.dictionary_tasks),
+                           dictionary=_card_info({k: v for k, v in dic.info.items() if k != "stories"}),
+                           diversity_chance=diversity_chance, dictionary_key=key),
+                      card_path, src)
+    log.info("model-level dictionary written to %s", card_path.parent)
+
+
+def story_view(dic: Dictionary, story: Story, acts: WordActivations, cfg: Config) -> Dictionary:
+    """A model-level dictionary seen from one story: its rows of the atoms on its reference grid
+    (``stimulus.story_part``), or, for a story the dictionary was not learned on
+    (``--dictionary-tasks``), the projection of its neuron series on the loadings there."""
+    part = stimulus.story_part(dic, story.name)
+    if part is None:
+        grid = stimulus.reference_frame_times(story, cfg.atom_tr)
+        part = replace(dic, atoms=stimulus.run_design(grid, story, acts, dic, cfg), frame_times=grid)
+    return part
+
+
+def write_story_atoms(writer: DerivativesWriter, story: Story, acts: WordActivations, dic: Dictionary,
+                      cfg: Config, key: str) -> None:
+    """At model scope, per story: its rows of the model-level atoms (``atoms.tsv``) and its neuron
+    series (``neurons.npy``) in ``stimuli/<story>/model-<model>/``; written once per dictionary."""
+    from ..bids.tables import read_json
+
+    model, files = model_label(cfg), ParticipantFiles(writer, cfg.space)
+    part = story_view(dic, story, acts, cfg)
+    where = ("its rows of the model-level atoms" if stimulus.story_part(dic, story.name) is not None else
+             "not a story of the model-level dictionary (--dictionary-tasks): the projection of its "
+             "neuron series on the loadings")
+    path = files.story(story.name, model, "atoms")
+    side = writer.sidecar_path(path)
+    if path.exists() and side.exists():
+        try:
+            if read_json(side, "atoms sidecar").get("DictionaryKey") == key:
+                return
+        except DataError:
+            pass
+    src = [story.source]
+    atoms = pd.DataFrame(part.atoms, columns=atom_names(dic.n_atoms))
+    atoms.insert(0, "time", part.frame_times)
+    writer.write_tsv(atoms, path, {"Description": f"Atom time courses of the model-level dictionary on "
+                                   f"this story's reference grid ({where}).",
+                                   "time": {"Description": "time from the start of the story audio",
+                                            "Units": "s"},
+                                   "DictionaryScope": "model", "DictionaryKey": key}, src)
+    X = stimulus.neuron_series(story, acts, part.frame_times, cfg)
+    writer.write_npy(X.astype(np.float16), files.story(story.name, model, "neurons"),
+                     {"Description": "Neuron frame series X (frames x neurons, z-scored, float16) on the "
+                      "reference grid of atoms.tsv; numpy.load. Columns follow the model-level loadings.tsv's "
+                      "neuron index.", "FrameTimes": part.frame_times.tolist(), "DictionaryKey": key}, src)
 
 
 def _card_info(info: dict) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
@@ -151,6 +152,126 @@ def _dictionary_key(story: Story, acts: WordActivations, grid: np.ndarray, confi
                   *([] if config.restarts == 1 else [consensus_settings(config.restarts)]))
 
 
+def activations_key(story: Story, config: Config, cache: Cache) -> str:
+    """The cache key of a story's activations (``lm.neurons.activations_key``), without computing them."""
+    from ..lm.neurons import activations_key as _key
+
+    return _key(get_model(config, cache), story.words, site=config.neurons, layers=config.layers,
+                context_tokens=config.context_tokens, window_tokens=config.window_tokens,
+                pooling=config.word_pooling)
+
+
+def model_dictionary_key(stories: list[Story], config: Config, cache: Cache) -> str:
+    """The cache key of the model-level dictionary of ``stories`` (:func:`model_dictionary`).
+
+    Every story's identity (name, words, onsets, reference grid and its activations' key, which
+    holds the model's identity and the neuron settings) and the settings :func:`_dictionary_key`
+    holds. One story: that story's :func:`_dictionary_key` itself (the same dictionary, so the
+    same cache entry as ``--dictionary-scope story``).
+    """
+    from ..patterns.consensus import consensus_settings
+
+    if len(stories) == 1:
+        acts = story_activations(stories[0], config, cache)
+        return _dictionary_key(stories[0], acts, reference_frame_times(stories[0], config.atom_tr), config)
+    parts = [(s.name, activations_key(s, config, cache), s.words, s.starts.tolist(),
+              reference_frame_times(s, config.atom_tr).tolist()) for s in stories]
+    return digest("model-dictionary", parts, config.hrf, config.n_atoms, config.sparsity, config.seed,
+                  config.an_centering, torch_device(config.device), DICTIONARY_DTYPE,
+                  *([] if config.restarts == 1 else [consensus_settings(config.restarts)]))
+
+
+def story_index(stories: list[Story], atom_tr: float) -> list[dict]:
+    """Where each story's frames lie in the model-level dictionary: name, first frame, frames, words."""
+    out, first = [], 0
+    for s in stories:
+        n = len(reference_frame_times(s, atom_tr))
+        out.append({"story": s.name, "first_frame": first, "n_frames": n, "n_words": s.n_words,
+                    "source": str(s.source)})
+        first += n
+    return out
+
+
+def model_dictionary(stories: list[Story], config: Config, cache: Cache) -> Dictionary:
+    """One dictionary for the model over ``stories`` (``--dictionary-scope model``), computed once, cached.
+
+    Each story's neuron series X_s is built on its own reference grid
+    (:func:`reference_frame_times`, :func:`neuron_series`: centred and z-scored per story), and
+    the series are concatenated along frames (in the order of ``stories``, sorted by name by
+    ``bids.inputs.dataset_stories``): X = [X_1; X_2; ...], learned as one (the consensus of
+    ``config.restarts`` fits). The atoms (rows: every story's frames) and the loadings are shared
+    by every participant and story; a run's design is the projection of its own neuron series
+    on the loadings (:func:`run_design`), as with one story. ``info["stories"]`` says which rows
+    are whose (:func:`story_index`; :func:`story_part` cuts one out).
+
+    ``Cache.get_or_create`` holds a per-key file lock: of participant jobs started at once, one
+    learns while the others wait on the lock and then read the entry. With one story this is
+    :func:`story_dictionary` (the same entry).
+    """
+    from ..patterns.consensus import learn_consensus_dictionary
+
+    index = story_index(stories, config.atom_tr)
+    if len(stories) == 1:
+        _, dic = story_dictionary(stories[0], config, cache)
+        return replace(dic, info=dict(dic.info, stories=index))
+    device = torch_device(config.device)
+    key = model_dictionary_key(stories, config, cache)
+    names = ", ".join(s.name for s in stories)
+
+    def create(folder):
+        import torch
+
+        from ..patterns.consensus import check_memory
+
+        T = sum(i["n_frames"] for i in index)
+        X = None
+        for s, where in zip(stories, index):
+            acts = story_activations(s, config, cache)
+            if X is None:
+                need = check_memory(T, acts.values.shape[1], config.n_atoms, config.mem_mb,
+                                    f"the model-level dictionary of {len(stories)} stories",
+                                    restarts=config.restarts)  # exit 64 before learning
+                log.info("model-level dictionary: learning %d atoms from %d neurons x %d frames of %d "
+                         "stories (%s), %d restart%s (about %d MB)", config.n_atoms, acts.values.shape[1],
+                         T, len(stories), names, config.restarts, "s" if config.restarts != 1 else "",
+                         need // 2**20)
+                X = np.empty((T, acts.values.shape[1]), dtype=np.float32)
+            grid = reference_frame_times(s, config.atom_tr)
+            X[where["first_frame"]:where["first_frame"] + where["n_frames"]] = neuron_series(s, acts, grid, config)
+            del acts
+        d = learn_consensus_dictionary(X, n_atoms=config.n_atoms, sparsity=config.sparsity,
+                                       restarts=config.restarts, seed=config.seed, device=device,
+                                       dtype=getattr(torch, DICTIONARY_DTYPE))
+        del X
+        np.save(folder / "atoms.npy", d.atoms)
+        # each story's audio-relative grid, one after the other (not increasing: see info["stories"])
+        np.save(folder / "frame_times.npy", np.concatenate([reference_frame_times(s, config.atom_tr)
+                                                            for s in stories]))
+        sp.save_npz(folder / "loadings.npz", d.loadings.tocsr())
+        (folder / "dictionary.json").write_text(json.dumps(
+            {"r2": d.r2, "objective": d.objective, "alpha": d.alpha, "info": d.info}, default=float))
+
+    folder = cache.get_or_create("dictionary", key, create)
+    meta = json.loads((folder / "dictionary.json").read_text())
+    dic = Dictionary(atoms=np.load(folder / "atoms.npy"), loadings=sp.load_npz(folder / "loadings.npz").tocsr(),
+                     frame_times=np.load(folder / "frame_times.npy"), r2=meta["r2"],
+                     objective=meta["objective"], alpha=meta["alpha"], info=dict(meta["info"], stories=index))
+    log.info("model-level dictionary of %d stories: R^2 = %.3f (%d atoms)", len(stories), dic.r2, dic.n_atoms)
+    return dic
+
+
+def story_part(dictionary: Dictionary, story: str) -> Optional[Dictionary]:
+    """The rows of a model-level dictionary that are ``story``'s frames (None: not one of its stories).
+
+    Atoms and frame times of that story's reference grid; the loadings and the rest are shared.
+    """
+    for where in dictionary.info.get("stories", []):
+        if where["story"] == story:
+            rows = slice(where["first_frame"], where["first_frame"] + where["n_frames"])
+            return replace(dictionary, atoms=dictionary.atoms[rows], frame_times=dictionary.frame_times[rows])
+    return None
+
+
 #: Neurons (at most) the diversity's chance dictionary is learned from, for cost.
 DIVERSITY_CHANCE_NEURONS = 4096
 #: Each neuron's circular shift is drawn uniformly in [f T, (1 - f) T] frames.
@@ -251,6 +372,39 @@ def diversity_chance(story: Story, activations: WordActivations, config: Config,
     out = json.loads((folder / "diversity_chance.json").read_text())
     log.info("story %s: diversity's chance level %.3f (%.1f s)", story.name,
              out["diversity_1_minus_abs_r"], out["seconds"])
+    return out
+
+
+def model_diversity_chance(stories: list[Story], config: Config, cache: Cache) -> dict:
+    """:func:`diversity_chance` of the model-level dictionary: the same neurons' series of every
+    story (concatenated as :func:`model_dictionary` does), each neuron circularly shifted over the
+    whole concatenation; computed once and cached. One story: :func:`diversity_chance` itself."""
+    if len(stories) == 1:
+        return diversity_chance(stories[0], story_activations(stories[0], config, cache), config, cache)
+    key = digest("diversity-chance", model_dictionary_key(stories, config, cache), DIVERSITY_CHANCE_NEURONS,
+                 DIVERSITY_MIN_SHIFT_FRACTION)
+
+    def create(folder):
+        parts, N = [], None
+        for s in stories:
+            acts = story_activations(s, config, cache)
+            N = acts.values.shape[1]
+            cols = chance_neurons(N, config.seed)
+            sub = WordActivations(values=acts.values[:, cols], layer=acts.layer[cols], unit=acts.unit[cols],
+                                  card=acts.card)
+            del acts
+            parts.append(neuron_series(s, sub, reference_frame_times(s, config.atom_tr), config))
+        X = np.concatenate(parts)
+        log.info("model-level dictionary: chance level of the diversity: %d atoms from %d of %d neurons x "
+                 "%d frames, each circularly shifted", config.n_atoms, X.shape[1], N, X.shape[0])
+        out = diversity_chance_from_series(X, config.n_atoms, config.sparsity, seed=config.seed,
+                                           device=torch_device(config.device), n_neurons_total=N)
+        (folder / "diversity_chance.json").write_text(json.dumps(out))
+
+    folder = cache.get_or_create("diversity_chance", key, create)
+    out = json.loads((folder / "diversity_chance.json").read_text())
+    log.info("model-level dictionary: diversity's chance level %.3f (%.1f s)", out["diversity_1_minus_abs_r"],
+             out["seconds"])
     return out
 
 
