@@ -153,10 +153,12 @@ def _dictionary_key(story: Story, acts: WordActivations, grid: np.ndarray, confi
 
 
 def activations_key(story: Story, config: Config, cache: Cache) -> str:
-    """The cache key of a story's activations (``lm.neurons.activations_key``), without computing them."""
+    """The cache key of a story's activations (``lm.neurons.activations_key``), without computing them
+    (nor loading the model: the key needs only its identity)."""
     from ..lm.neurons import activations_key as _key
 
-    return _key(get_model(config, cache), story.words, site=config.neurons, layers=config.layers,
+    return _key(_model_source(config.model, config.device, config.dtype, str(cache.root)), story.words,
+                site=config.neurons, layers=config.layers,
                 context_tokens=config.context_tokens, window_tokens=config.window_tokens,
                 pooling=config.word_pooling)
 
