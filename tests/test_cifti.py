@@ -77,8 +77,8 @@ def test_load_bold_gives_frames_by_grayordinates_and_unmask_a_dscalar(cifti_ds):
     expected = np.asarray(nib.load(path).get_fdata(), np.float32)
     assert Y.shape == (30, 91282) and np.array_equal(Y, expected)
     img = unmask(np.arange(91282.0), grid)
-    assert isinstance(img, nib.Cifti2Image) and img.shape == (1, 91282)
-    assert img.header.get_axis(1) == grid.axis
+    assert img.shape == (1, 91282) and np.array_equal(img.values, np.arange(91282.0))
+    assert img.to_cifti().header.get_axis(1) == grid.axis
     other = Grayordinates(standard_axis()[:59412])
     with pytest.raises(DataError, match="grayordinates differ"):
         load_bold(path, other)
@@ -101,8 +101,13 @@ def test_dscalar_maps_named_written_and_valid(cifti_ds, tmp_path):
     written = writer.write_image(unmask(values, grid), path, {"Description": "a z map"}, [src])
     writer.write_image(unmask(values > 1, grid, dtype=np.uint8), files.fdr_mask(ent),
                        {"Description": "significant"}, [src])
-    back = nib.load(written)
+    back = nib.load(written)  # written from cached header bytes: nibabel reads it back whole
     assert isinstance(back, nib.Cifti2Image) and np.allclose(back.get_fdata()[0], values.astype(np.float32))
+    assert back.header.get_axis(1) == grid.axis and back.header.get_axis(0).name.tolist() == ["map"]
+    mask = nib.load(files.fdr_mask(ent))
+    assert mask.get_data_dtype() == np.uint8 and np.array_equal(mask.get_fdata()[0] > 0, values > 1)
+    nib.save(back, tmp_path / "again.dscalar.nii")  # the same bytes as nibabel's own writing
+    assert (tmp_path / "again.dscalar.nii").read_bytes() == written.read_bytes()
     side = json.loads(written.with_name(written.name.replace(".dscalar.nii", ".json")).read_text())
     assert side["Description"] == "a z map" and side["Sources"]
     assert not list(out.rglob("*.tmp*"))
@@ -154,7 +159,7 @@ def test_broken_dlabel_is_exit_65_naming_it(tmp_path):
         check_user_atlases([str(path)])
     assert exc.value.exit_code == 65 and str(path) in str(exc.value)
     dscalar = tmp_path / "maps.dlabel.nii"
-    nib.save(Grayordinates(standard_axis()).image(np.ones(91282)), dscalar)  # a dscalar named .dlabel
+    nib.save(Grayordinates(standard_axis()).image(np.ones(91282)).to_cifti(), dscalar)  # a dscalar named .dlabel
     with pytest.raises(DataError, match="dlabel"):
         check_user_atlases([str(dscalar)])
 

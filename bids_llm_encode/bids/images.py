@@ -413,12 +413,56 @@ class Grayordinates:
                             "Give fMRIPrep's space-fsLR_den-91k files.")
         return np.arange(STANDARD_91K[0][1] + STANDARD_91K[1][1])
 
-    def image(self, values: np.ndarray, dtype=np.float32, name: str = "map") -> nib.Cifti2Image:
-        """One map over the grayordinates as a ``dscalar`` image (1 x grayordinates)."""
-        vals = np.asarray(values).reshape(1, -1)
-        if vals.shape[1] != self.size:
-            raise DataError(f"{vals.shape[1]} values for {self.size} grayordinates")
-        return nib.Cifti2Image(vals.astype(dtype), header=(nib.cifti2.ScalarAxis([name]), self.axis))
+    def image(self, values: np.ndarray, dtype=np.float32) -> "GrayordinateMap":
+        """One map over the grayordinates, to be written as a ``dscalar`` (1 x grayordinates)."""
+        vals = np.asarray(values).reshape(-1)
+        if vals.size != self.size:
+            raise DataError(f"{vals.size} values for {self.size} grayordinates")
+        return GrayordinateMap(vals.astype(dtype), self)
+
+    def file_prefix(self, dtype) -> bytes:
+        """The bytes of a one-map ``dscalar`` file of this grid before its data (headers + CIFTI XML).
+
+        Made once per dtype with nibabel; every map of the grid then is this prefix
+        and its values (nibabel's own writing takes ~1-2 s a map at 91k grayordinates,
+        most of it building the XML of the brain-model axis).
+        """
+        import io
+
+        key = np.dtype(dtype).str
+        cache = self.__dict__.setdefault("_prefixes", {})
+        if key not in cache:
+            data = np.zeros((1, self.size), dtype=np.dtype(dtype))
+            img = nib.Cifti2Image(data, header=(nib.cifti2.ScalarAxis(["map"]), self.axis))
+            img.nifti_header.set_data_dtype(data.dtype)
+            bio = io.BytesIO()
+            img.to_file_map({"image": nib.FileHolder(fileobj=bio)})
+            raw = bio.getvalue()
+            cache[key] = raw[: len(raw) - data.nbytes]
+        return cache[key]
+
+
+class GrayordinateMap:
+    """One map over a :class:`Grayordinates` grid (what :func:`unmask` gives for a CIFTI run).
+
+    ``values`` (n_grayordinates,), ``grid``; :meth:`to_bytes` is the ``dscalar``
+    file (``bids/outputs.DerivativesWriter.write_image`` writes it), :meth:`to_cifti`
+    the nibabel image.
+    """
+
+    def __init__(self, values: np.ndarray, grid: Grayordinates):
+        self.values, self.grid = values, grid
+
+    @property
+    def shape(self) -> tuple:
+        return (1, self.values.size)
+
+    def to_bytes(self) -> bytes:
+        data = np.ascontiguousarray(self.values, dtype=self.values.dtype.newbyteorder("="))
+        return self.grid.file_prefix(data.dtype) + data.tobytes()
+
+    def to_cifti(self) -> nib.Cifti2Image:
+        return nib.Cifti2Image(self.values[None], header=(nib.cifti2.ScalarAxis(["map"]), self.grid.axis))
 
 
 def _vertex_info_32k():

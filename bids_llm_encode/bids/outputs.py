@@ -725,20 +725,27 @@ class DerivativesWriter:
 
         Parameters
         ----------
-        img : nibabel.Cifti2Image
-            E.g. ``bids.images.Grayordinates.image``: scalar x brain-model axes.
+        img : nibabel.Cifti2Image or bids.images.GrayordinateMap
+            A map over grayordinates (``bids.images.unmask`` of a CIFTI run's values).
         path : Path
             From :meth:`path`, ending in ``.dscalar.nii`` (or ``.dtseries.nii`` / ``.dlabel.nii``).
         """
         import nibabel as nib
 
+        from .images import GrayordinateMap
+
         p = self._prepare(path, sidecar)
-        if not isinstance(img, nib.Cifti2Image):
-            raise ValueError(f"{p}: expected a nibabel Cifti2Image, got {type(img).__name__}")
+        if not isinstance(img, (nib.Cifti2Image, GrayordinateMap)):
+            raise ValueError(f"{p}: expected a nibabel Cifti2Image or a GrayordinateMap, got {type(img).__name__}")
         ext = next((e for e in (".dscalar.nii", ".dtseries.nii", ".dlabel.nii") if p.name.endswith(e)), None)
         if ext is None:
             raise ValueError(f"{p}: a CIFTI file name must end in .dscalar.nii, .dtseries.nii or .dlabel.nii")
-        self._write_with_sidecar(p, lambda tmp: nib.save(img, tmp), f".tmp{ext}", sidecar, sources)
+        if isinstance(img, GrayordinateMap):  # the grid's cached header bytes + the values (fast)
+            write = _write_bytes_to(img.to_bytes())
+        else:
+            def write(tmp: str) -> None:
+                nib.save(img, tmp)
+        self._write_with_sidecar(p, write, f".tmp{ext}", sidecar, sources)
         log.debug("wrote %s", p)
         return p
 
@@ -751,7 +758,9 @@ class DerivativesWriter:
         """
         import nibabel as nib
 
-        if isinstance(img, nib.Cifti2Image):
+        from .images import GrayordinateMap
+
+        if isinstance(img, (nib.Cifti2Image, GrayordinateMap)):
             return self.write_cifti(img, path, sidecar, sources)
         return self.write_nifti(img, path, sidecar, sources)
 

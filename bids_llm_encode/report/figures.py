@@ -421,7 +421,9 @@ def glass_brain(stat_img, title: str, threshold: float = 3.1, vmax: Optional[flo
 
     import nibabel as nib
 
-    if isinstance(stat_img, nib.Cifti2Image):  # a map over grayordinates: drawn on the cortex instead
+    from ..bids.images import GrayordinateMap
+
+    if isinstance(stat_img, (nib.Cifti2Image, GrayordinateMap)):  # grayordinates: drawn on the cortex
         return surface_map(stat_img, title, threshold=threshold, vmax=vmax, plot_abs=plot_abs)
     func = "glass_brain"
     if isinstance(stat_img, (str, os.PathLike)) and not Path(stat_img).is_file():
@@ -469,19 +471,23 @@ def surface_map(stat_img, title: str, threshold: float = 3.1, vmax: Optional[flo
 
     Parameters
     ----------
-    stat_img : nibabel.Cifti2Image
+    stat_img : bids.images.GrayordinateMap or nibabel.Cifti2Image
         One map (1 x grayordinates) with a brain-model axis.
     """
     import nibabel as nib
     from matplotlib import colormaps
+
+    from ..bids.images import GrayordinateMap
     from matplotlib.collections import PolyCollection
     from matplotlib.colors import Normalize
 
     func = "surface_map"
-    if not isinstance(stat_img, nib.Cifti2Image):
+    if isinstance(stat_img, GrayordinateMap):
+        data, axis = np.asarray(stat_img.values, dtype=float), stat_img.grid.axis
+    elif isinstance(stat_img, nib.Cifti2Image):
+        data, axis = np.asarray(stat_img.get_fdata(), dtype=float).reshape(-1), stat_img.header.get_axis(1)
+    else:
         raise DataError(f"{func}: expected a CIFTI-2 map, got {type(stat_img).__name__}")
-    data = np.asarray(stat_img.get_fdata(), dtype=float).reshape(-1)
-    axis = stat_img.header.get_axis(1)
     hemis = {}
     for name, sl, model in axis.iter_structures():
         hemi = {"CIFTI_STRUCTURE_CORTEX_LEFT": "left", "CIFTI_STRUCTURE_CORTEX_RIGHT": "right"}.get(str(name))
