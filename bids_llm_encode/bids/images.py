@@ -442,6 +442,17 @@ class Grayordinates:
         return cache[key]
 
 
+def grid_volume(values: np.ndarray) -> nib.Nifti1Image:
+    """Grayordinate values as a (n, 1, 1) NIfTI "volume" (identity affine), for nilearn's estimators.
+
+    nilearn's ``SecondLevelModel`` and ``compute_fixed_effects`` take images: the
+    group level hands them grayordinate maps in this form (with an all-ones mask
+    of the same shape), so that CIFTI and volume maps get the same statistics.
+    """
+    vals = np.asarray(values, np.float32).reshape(-1, 1, 1)
+    return nib.Nifti1Image(vals, np.eye(4))
+
+
 class GrayordinateMap:
     """One map over a :class:`Grayordinates` grid (what :func:`unmask` gives for a CIFTI run).
 
@@ -547,3 +558,46 @@ def bold_frames(path: Path) -> int:
     if is_cifti_path(path):
         return int(check_cifti_bold(path).shape[0])
     return int(check_bold(path).shape[3])
+
+
+def load_cifti_map(path: Path, what: str, hint: str = _REPLACE,
+                   grid: Optional[Grayordinates] = None) -> tuple[Grayordinates, np.ndarray]:
+    """A one-map ``dscalar`` (e.g. a participant map): its grid and values (n_grayordinates,).
+
+    With ``grid``: a file whose bytes before its data are the grid's own
+    (:meth:`Grayordinates.file_prefix`, what this app writes) is read without
+    parsing its CIFTI XML (nibabel takes ~1.5 s a file at 91k); any other file
+    is read in full with nibabel and must be on ``grid``.
+
+    Raises
+    ------
+    MissingInputError (66)
+        The file does not exist.
+    DataError (65)
+        Not a one-map dscalar, truncated, or on other grayordinates (the file named).
+    """
+    path = Path(path)
+    if grid is not None and path.is_file():
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(540)
+                hdr = nib.Nifti2Header.from_fileobj(__import__("io").BytesIO(head), check=False)
+                dtype = hdr.get_data_dtype()
+                prefix = grid.file_prefix(dtype)
+                fh.seek(0)
+                start = fh.read(len(prefix))
+                if start == prefix:
+                    data = np.frombuffer(fh.read(), dtype=dtype)
+                    if data.size != grid.size:
+                        raise DataError(f"{path}: the {what} is truncated ({data.size} of {grid.size} "
+                                        f"values). {hint}")
+                    return grid, data.astype(np.float64)
+        except (OSError, ValueError, nib.spatialimages.HeaderDataError):
+            pass  # read below with nibabel, which names what is wrong
+    img, data = load_cifti_data(path, what, "dscalar", hint, dtype=np.float64)
+    if data.shape[0] != 1:
+        raise DataError(f"{path}: the {what} must hold one map, it holds {data.shape[0]}. {hint}")
+    own = Grayordinates(img.header.get_axis(1), path)
+    if grid is not None and own != grid:
+        raise DataError(f"{path}: the {what} is on other grayordinates than {grid.source}. {hint}")
+    return own, data[0]

@@ -1016,9 +1016,10 @@ class OutputFiles:
 
     # group level: output_dir/group/<story>/
     def group_statmap(self, story: str, desc: str, stat: str) -> Path:
+        den = f"_den-{self._grid['den']}" if self.cifti else ""
         return self.writer.group_path(
-            f"task-{label(story)}_space-{label(self.space)}_desc-{label(desc)}_stat-{label(stat)}"
-            "_statmap.nii.gz", story)
+            f"task-{label(story)}_space-{label(self.space)}{den}_desc-{label(desc)}_stat-{label(stat)}"
+            f"_statmap{self.map_ext}", story)
 
     def group_table(self, story: str, atlas: str, suffix: str, extension: str = ".tsv") -> Path:
         return self.writer.group_path(f"task-{label(story)}_desc-{label(atlas)}_{label(suffix)}{extension}",
