@@ -24,7 +24,7 @@ from bids_llm_encode.demo.generate import generate_demo
 
 SUBJECTS = ("01", "02")
 SMALL = ["--n-atoms", "16", "--restarts", "4"]  # the plant's dictionary: the same settings
-FAST = ["--space", "fsLR", "--n-permutations", "20", "--n-spins", "200", "--fbn-atlas", "CA12",
+FAST = ["--space", "fsLR", "--n-permutations", "20", "--n-spins", "200", "--fbn-atlas", "CA12", "--baselines", "none",
         "--skip-bids-validation", *SMALL]
 
 
