@@ -115,6 +115,31 @@ def test_dscalar_maps_named_written_and_valid(cifti_ds, tmp_path):
     assert report["errors"] == [], [(i["code"], i["location"]) for i in report["errors"]]
 
 
+def test_load_cifti_map_fast_path_and_foreign_files(tmp_path):
+    from bids_llm_encode.bids.images import load_cifti_map
+
+    grid = Grayordinates(standard_axis())
+    values = np.random.default_rng(1).standard_normal(91282).astype(np.float32)
+    ours = tmp_path / "ours.dscalar.nii"
+    ours.write_bytes(grid.image(values).to_bytes())
+    g, got = load_cifti_map(ours, "map", grid=grid)
+    assert g is grid and np.array_equal(got, values)
+    other = tmp_path / "other.dscalar.nii"  # another map name: not our bytes, read with nibabel
+    nib.save(nib.Cifti2Image(values[None], header=(nib.cifti2.ScalarAxis(["beta"]), grid.axis)), other)
+    g2, got2 = load_cifti_map(other, "map", grid=grid)
+    assert g2 == grid and np.array_equal(got2, values)
+    cortex = tmp_path / "cortex.dscalar.nii"
+    nib.save(nib.Cifti2Image(values[None, :59412], header=(nib.cifti2.ScalarAxis(["m"]), grid.axis[:59412])),
+             cortex)
+    with pytest.raises(DataError, match="other grayordinates") as exc:
+        load_cifti_map(cortex, "participant map", grid=grid)
+    assert str(cortex) in str(exc.value)
+    cut = tmp_path / "cut.dscalar.nii"
+    cut.write_bytes(ours.read_bytes()[:-400])
+    with pytest.raises(DataError, match="truncated"):
+        load_cifti_map(cut, "participant map", grid=grid)
+
+
 def test_builtin_atlases_on_grayordinates_without_projection():
     grid = Grayordinates(standard_axis())
     for name, fname in (("CA12", "ca_network_1.1.npz"), ("Yeo7", "yeo7.npz"), ("Yeo17", "yeo17.npz")):

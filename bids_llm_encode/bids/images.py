@@ -18,6 +18,14 @@ says what is wrong, never a traceback from nibabel, gzip or numpy:
   at the group level, every participant map it reads (checked before the first
   is used). Tables go through the TSV twin of this module, ``bids/tables.py``.
 
+CIFTI (``--space fsLR``, fMRIPrep's ``--cifti-output``): :func:`check_cifti_bold`
+/ :func:`load_bold` read the ``dtseries`` as (frames, grayordinates); the run's
+:class:`Grayordinates` (its brain-model axis) stands where a volume run's mask
+image stands; :func:`unmask` of grayordinate values gives a
+:class:`GrayordinateMap` (written as ``dscalar`` by ``bids/outputs.py``);
+:func:`check_cifti` checks a ``dlabel`` atlas and :func:`load_cifti_map` reads
+participant maps at the group level.
+
 ``unmask`` (mask-ordered values back into a 3D image) lives here too, for the
 participant and group workflows and the report (it used to sit in
 ``workflows/participant.py``, which made an import circle with ``workflows/report.py``).
@@ -25,6 +33,7 @@ participant and group workflows and the report (it used to sit in
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import zlib
@@ -427,8 +436,6 @@ class Grayordinates:
         and its values (nibabel's own writing takes ~1-2 s a map at 91k grayordinates,
         most of it building the XML of the brain-model axis).
         """
-        import io
-
         key = np.dtype(dtype).str
         cache = self.__dict__.setdefault("_prefixes", {})
         if key not in cache:
@@ -581,7 +588,7 @@ def load_cifti_map(path: Path, what: str, hint: str = _REPLACE,
         try:
             with open(path, "rb") as fh:
                 head = fh.read(540)
-                hdr = nib.Nifti2Header.from_fileobj(__import__("io").BytesIO(head), check=False)
+                hdr = nib.Nifti2Header.from_fileobj(io.BytesIO(head), check=False)
                 dtype = hdr.get_data_dtype()
                 prefix = grid.file_prefix(dtype)
                 fh.seek(0)

@@ -30,6 +30,11 @@ A path to a NIfTI image
     its value is ``>= threshold * max`` of that map (default 0.5); with
     ``"absolute"``, when it is ``>= threshold`` (e.g. 3 for z maps).
 
+With a CIFTI run's :class:`~bids_llm_encode.bids.images.Grayordinates` instead of
+a mask (``--space fsLR``): the built-ins as they are on the 91k grayordinates (no
+projection), or a user ``.dlabel.nii`` (:func:`_grayordinate_atlas`); ``maps`` is
+then (n_networks, n_grayordinates).
+
 Every atlas's ``maps`` is a boolean array (n_networks, n_mask_voxels) over the
 voxels of ``mask_img.get_fdata() > 0`` in C order (numpy boolean indexing,
 nilearn's ``NiftiMasker`` order).
