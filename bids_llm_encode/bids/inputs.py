@@ -4,7 +4,9 @@ For each raw BOLD run picked by the labels and the filter file this finds, in
 the fMRIPrep derivatives: the preprocessed BOLD in the requested space (any
 ``res-``), its brain mask, its confounds (``desc-confounds_timeseries`` of
 fMRIPrep >= 20.2 or ``desc-confounds_regressors`` of 20.0.x), the TR and the
-slice-time reference; in the raw dataset: the events.tsv, the story (from
+slice-time reference (with ``--space fsLR``: fMRIPrep's ``--cifti-output`` BOLD
+``space-fsLR_den-91k_bold.dtseries.nii`` instead, with no mask, and the same
+confounds file); in the raw dataset: the events.tsv, the story (from
 ``stim_file``), its word timing and the story onset.
 
 Nothing is ever written inside ``bids_dir``: the PyBIDS layouts are built in
