@@ -41,6 +41,8 @@ CHOICES = {
 
 #: The atlases defined on the fsLR cortex (networks.atlases.list_builtin_atlases): the spin test's.
 SURFACE_ATLASES = ("CA12", "Yeo7", "Yeo17")
+#: ``--space`` values whose BOLD is fMRIPrep's CIFTI output (grayordinates, ``den-91k``), not a volume.
+CIFTI_SPACES = ("fsLR",)
 
 #: The built-in low-level baseline regressors (``--baselines``; signal/baselines.py makes them).
 BASELINES = ("word_rate", "phoneme_rate", "envelope")
@@ -217,8 +219,22 @@ class Config:
             if not isinstance(getattr(self, name), bool):
                 bad(name, getattr(self, name), "must be true or false")
         strings("fbn_atlas", allow_empty=False)
+        dlabel = [a for a in self.fbn_atlas if a.strip().lower().endswith(".dlabel.nii")]
+        if self.space in CIFTI_SPACES:  # grayordinates: surface atlases and the spin test only
+            volume = [a for a in self.fbn_atlas if a.strip().lower() not in {x.lower() for x in SURFACE_ATLASES}
+                      and a not in dlabel]
+            if volume:
+                bad("fbn_atlas", ", ".join(volume), f"--space {self.space} (CIFTI grayordinates) takes "
+                    f"{', '.join(SURFACE_ATLASES)} or a .dlabel.nii file; these are volume atlases")
+            if self.fbn_null not in ("auto", "spin"):
+                bad("fbn_null", self.fbn_null, f"--space {self.space} (CIFTI grayordinates) is tested with "
+                    "the spin test: use auto or spin")
+        elif dlabel:
+            bad("fbn_atlas", ", ".join(dlabel), "a .dlabel.nii atlas is on grayordinates: it needs CIFTI "
+                f"inputs (--space {CIFTI_SPACES[0]})")
         if self.fbn_null == "spin":
-            volume = [a for a in self.fbn_atlas if a.strip().lower() not in {x.lower() for x in SURFACE_ATLASES}]
+            volume = [a for a in self.fbn_atlas if a.strip().lower() not in {x.lower() for x in SURFACE_ATLASES}
+                      and a not in dlabel]
             if volume:
                 bad("fbn_null", self.fbn_null, f"the spin test needs atlases on the fsLR cortex "
                     f"({', '.join(SURFACE_ATLASES)}); {', '.join(volume)} are volume atlases: use auto "

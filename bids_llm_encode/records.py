@@ -78,7 +78,7 @@ class RunInputs:
     task: str
     run: Optional[int]
     bold: Path
-    mask: Path
+    mask: Optional[Path]  # None for a CIFTI run (every grayordinate is in)
     confounds: Path
     bold_json: Optional[Path]
     events: Path

@@ -210,6 +210,7 @@ def make_layout(
     extra_stories: Sequence[tuple[str, float]] = (),
     echoes: int = 0,
     mask_4d: bool = False,
+    cifti: bool = False,
 ) -> Path:
     """Write a small raw BIDS dataset with fMRIPrep derivatives under ``root``.
 
@@ -240,6 +241,10 @@ def make_layout(
         (e.g. with real Narratives files).
     derivatives, deriv_subjects, write_mask, write_confounds
         Switch parts of the derivatives off to build missing-input cases.
+    cifti : bool
+        Also write fMRIPrep's ``--cifti-output`` BOLD of every run,
+        ``space-fsLR_den-91k_bold.dtseries.nii`` (the standard 91k grayordinates of
+        ``bids_llm_encode.demo.cifti``) and its sidecar.
     extra_stories : sequence of (story, onset)
         More stories in the same run (Narratives' task-schema): each gets its own alignment
         (``story_words``), WAV and events row at ``onset``, after a movie row whose
@@ -335,6 +340,14 @@ def make_layout(
                     _nifti(dfunc / f"{der_ents}{sp}_desc-brain_mask.nii.gz",
                            (*shape[:3], 1) if mask_4d else shape[:3],
                            (2.0, 2.0, 2.0, 1.0) if mask_4d else (2.0, 2.0, 2.0), rng, mask=True)
+            if cifti:
+                from bids_llm_encode.demo.cifti import dtseries
+
+                dfunc.mkdir(parents=True, exist_ok=True)
+                nib.save(dtseries(100 + rng.standard_normal((n_frames, 91282)), tr),
+                         dfunc / f"{der_ents}_space-fsLR_den-91k_bold.dtseries.nii")
+                _write_json(dfunc / f"{der_ents}_space-fsLR_den-91k_bold.json",
+                            {"RepetitionTime": tr, "TaskName": task, **(deriv_sidecar or {})})
             if write_confounds:
                 _write_text(dfunc / f"{der_ents}_desc-confounds_{confounds_name}.tsv",
                             confounds_table(confound_frames or n_frames, rng))

@@ -4,7 +4,9 @@ For each raw BOLD run picked by the labels and the filter file this finds, in
 the fMRIPrep derivatives: the preprocessed BOLD in the requested space (any
 ``res-``), its brain mask, its confounds (``desc-confounds_timeseries`` of
 fMRIPrep >= 20.2 or ``desc-confounds_regressors`` of 20.0.x), the TR and the
-slice-time reference; in the raw dataset: the events.tsv, the story (from
+slice-time reference (with ``--space fsLR``: fMRIPrep's ``--cifti-output`` BOLD
+``space-fsLR_den-91k_bold.dtseries.nii`` instead, with no mask, and the same
+confounds file); in the raw dataset: the events.tsv, the story (from
 ``stim_file``), its word timing and the story onset.
 
 Nothing is ever written inside ``bids_dir``: the PyBIDS layouts are built in
@@ -30,7 +32,7 @@ import numpy as np
 from ..config import Config, normalize_labels
 from ..errors import CantCreateError, DataError, IOFailure, MissingInputError, NoMatchError, UsageError
 from ..records import RunInputs, Story
-from .images import check_bold, check_mask
+from .images import CIFTI_DENSITY, check_bold, check_cifti_bold, check_mask, is_cifti_space
 from .stimuli import load_story, read_events_words, read_gentle_phones
 from .tables import check_confounds, read_events, read_text
 
@@ -578,28 +580,15 @@ def _run_inputs(bold, raw, der, bids_dir: Path, deriv: Path, space: str,
     match = {k: (ents[k] if k in ents else Query.NONE) for k in _ENTITIES_MATCHED}
     match["echo"] = Query.NONE  # the combined series of a multi-echo run; single echoes are not used
     key = Path(bold.path).name
-    single = der.get(**dict(match, echo=Query.REQUIRED), space=space, desc="preproc", suffix="bold",
-                     extension=[".nii.gz", ".nii"])
-    if single:
-        log.info("%s: %d single-echo desc-preproc_bold file(s) ignored (%s); the optimally combined "
-                 "series is used", key, len(single), ", ".join(sorted(Path(f.path).name for f in single)))
-    pre = der.get(**match, space=space, desc="preproc", suffix="bold", extension=[".nii.gz", ".nii"])
-    preproc = _choose(pre, f"preprocessed BOLD files in space {space}", key)
-    if preproc is None:
-        spaces = sorted({f.entities.get("space") for f in der.get(**match, desc="preproc", suffix="bold",
-                                                                   extension=[".nii.gz", ".nii"])} - {None})
-        raise MissingInputError(
-            f"no preprocessed BOLD (desc-preproc_bold) in space {space} for {key} in {deriv}; "
-            f"spaces found for this run: {spaces or 'none'}")
-    pent = der.get_file(preproc).get_entities()
-    res = pent.get("res", Query.NONE)
-    masks = der.get(**match, space=space, res=res, desc="brain", suffix="mask",
-                    extension=[".nii.gz", ".nii"])
-    mask = _choose(masks, "brain masks", key)
-    if mask is None:
-        raise MissingInputError(f"no brain mask (space-{space}"
-                                f"{'_res-' + str(pent['res']) if 'res' in pent else ''}_desc-brain_mask) "
-                                f"for {Path(preproc).name} in {Path(preproc).parent}")
+    if is_cifti_space(space):
+        preproc, mask, img = _cifti_bold(der, match, space, key, deriv)
+        n_frames = int(img.shape[0])
+        hdr_tr = float(img.header.get_axis(0).step)
+        pent = der.get_file(preproc).get_entities()
+    else:
+        preproc, mask, img, pent = _volume_bold(der, match, space, key, deriv)
+        n_frames = int(img.shape[3])
+        hdr_tr = float(img.header.get_zooms()[3])
     conf = der.get(**match, desc="confounds", suffix=["timeseries", "regressors"], extension=".tsv")
     confounds = _choose(conf, "confounds files", key)
     if confounds is None:
@@ -611,12 +600,8 @@ def _run_inputs(bold, raw, der, bids_dir: Path, deriv: Path, space: str,
     der_meta = der.get_metadata(preproc)
     raw_meta = raw.get_metadata(bold.path)
     tr = _float_tr(der_meta, der_json) or _float_tr(raw_meta, Path(bold.path))
-    img = check_bold(Path(preproc))  # header (+ gzip trailer): before the model runs
-    check_mask(Path(mask), Path(preproc), img)  # readable, 3D, not empty, on the BOLD's grid
-    n_frames = int(img.shape[3])
     if tr is None:
         raise DataError(f"no RepetitionTime in the sidecars of {preproc} nor of {bold.path}")
-    hdr_tr = float(img.header.get_zooms()[3])
     if hdr_tr > 0 and not np.isclose(hdr_tr, tr, atol=1e-3) and not np.isclose(hdr_tr / 1000, tr, atol=1e-3):
         log.warning("%s: header TR %.4g differs from RepetitionTime %.4g; using the sidecar",
                     Path(preproc).name, hdr_tr, tr)
@@ -639,7 +624,8 @@ def _run_inputs(bold, raw, der, bids_dir: Path, deriv: Path, space: str,
     raw_json = Path(bold.path.split(".")[0] + ".json")
     return [RunInputs(
         subject=str(ents["subject"]), session=ents.get("session"), task=str(ents["task"]),
-        run=int(run) if run is not None else None, bold=Path(preproc), mask=Path(mask),
+        run=int(run) if run is not None else None, bold=Path(preproc),
+        mask=Path(mask) if mask is not None else None,
         confounds=Path(confounds), bold_json=der_json if der_json.is_file() else (
             raw_json if raw_json.is_file() else None),
         events=Path(events_path), raw_bold=Path(bold.path), tr=float(tr), n_frames=n_frames,
@@ -671,3 +657,53 @@ def run_summary(run: RunInputs) -> dict:
             "n_words": run.story.n_words, "n_unaligned": run.story.n_unaligned,
             "story": run.story.name, "story_onset": run.story_onset,
             "story_first_frame": first, "story_last_frame": last, "bold": run.bold.name}
+
+
+def _volume_bold(der, match: dict, space: str, key: str, deriv: Path):
+    """The desc-preproc_bold of a run in a volume space, its brain mask, image and entities."""
+    from bids.layout import Query
+
+    single = der.get(**dict(match, echo=Query.REQUIRED), space=space, desc="preproc", suffix="bold",
+                     extension=[".nii.gz", ".nii"])
+    if single:
+        log.info("%s: %d single-echo desc-preproc_bold file(s) ignored (%s); the optimally combined "
+                 "series is used", key, len(single), ", ".join(sorted(Path(f.path).name for f in single)))
+    pre = der.get(**match, space=space, desc="preproc", suffix="bold", extension=[".nii.gz", ".nii"])
+    preproc = _choose(pre, f"preprocessed BOLD files in space {space}", key)
+    if preproc is None:
+        spaces = sorted({f.entities.get("space") for f in der.get(**match, desc="preproc", suffix="bold",
+                                                                   extension=[".nii.gz", ".nii"])} - {None})
+        raise MissingInputError(
+            f"no preprocessed BOLD (desc-preproc_bold) in space {space} for {key} in {deriv}; "
+            f"spaces found for this run: {spaces or 'none'}")
+    pent = der.get_file(preproc).get_entities()
+    res = pent.get("res", Query.NONE)
+    masks = der.get(**match, space=space, res=res, desc="brain", suffix="mask",
+                    extension=[".nii.gz", ".nii"])
+    mask = _choose(masks, "brain masks", key)
+    if mask is None:
+        raise MissingInputError(f"no brain mask (space-{space}"
+                                f"{'_res-' + str(pent['res']) if 'res' in pent else ''}_desc-brain_mask) "
+                                f"for {Path(preproc).name} in {Path(preproc).parent}")
+    img = check_bold(Path(preproc))  # header (+ gzip trailer): before the model runs
+    check_mask(Path(mask), Path(preproc), img)  # readable, 3D, not empty, on the BOLD's grid
+    return preproc, mask, img, pent
+
+
+def _cifti_bold(der, match: dict, space: str, key: str, deriv: Path):
+    """fMRIPrep's CIFTI BOLD of a run (``space-fsLR_den-91k_bold.dtseries.nii``, no mask), and its image.
+
+    fMRIPrep's ``--cifti-output`` writes it without a ``desc`` entity; a
+    ``desc-preproc`` one is taken too. All grayordinates are the "mask".
+    """
+    pre = der.get(**match, space=space, den=CIFTI_DENSITY, suffix="bold", extension=".dtseries.nii")
+    preproc = _choose(pre, f"CIFTI BOLD files in space {space}", key)
+    if preproc is None:
+        have = sorted({f"space-{f.entities.get('space')}_den-{f.entities.get('den')}"
+                       for f in der.get(**match, suffix="bold", extension=".dtseries.nii")})
+        raise MissingInputError(
+            f"no CIFTI BOLD (space-{space}_den-{CIFTI_DENSITY}_bold.dtseries.nii, fMRIPrep's --cifti-output) "
+            f"for {key} in {deriv}; CIFTI BOLD found for this run: {have or 'none'}. For a volume space "
+            "give --space MNI152NLin2009cAsym (or the space fMRIPrep wrote).")
+    img = check_cifti_bold(Path(preproc))  # header + size: before the model runs
+    return preproc, None, img

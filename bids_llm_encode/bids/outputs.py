@@ -726,6 +726,50 @@ class DerivativesWriter:
         log.debug("wrote %s", p)
         return p
 
+    def write_cifti(self, img, path: PathLike, sidecar: Mapping[str, Any], sources: Sources = None) -> Path:
+        """Write a CIFTI-2 image (a map over grayordinates) and its JSON sidecar.
+
+        Parameters
+        ----------
+        img : nibabel.Cifti2Image or bids.images.GrayordinateMap
+            A map over grayordinates (``bids.images.unmask`` of a CIFTI run's values).
+        path : Path
+            From :meth:`path`, ending in ``.dscalar.nii`` (or ``.dtseries.nii`` / ``.dlabel.nii``).
+        """
+        import nibabel as nib
+
+        from .images import GrayordinateMap
+
+        p = self._prepare(path, sidecar)
+        if not isinstance(img, (nib.Cifti2Image, GrayordinateMap)):
+            raise ValueError(f"{p}: expected a nibabel Cifti2Image or a GrayordinateMap, got {type(img).__name__}")
+        ext = next((e for e in (".dscalar.nii", ".dtseries.nii", ".dlabel.nii") if p.name.endswith(e)), None)
+        if ext is None:
+            raise ValueError(f"{p}: a CIFTI file name must end in .dscalar.nii, .dtseries.nii or .dlabel.nii")
+        if isinstance(img, GrayordinateMap):  # the grid's cached header bytes + the values (fast)
+            write = _write_bytes_to(img.to_bytes())
+        else:
+            def write(tmp: str) -> None:
+                nib.save(img, tmp)
+        self._write_with_sidecar(p, write, f".tmp{ext}", sidecar, sources)
+        log.debug("wrote %s", p)
+        return p
+
+    def write_image(self, img, path: PathLike, sidecar: Mapping[str, Any], sources: Sources = None) -> Path:
+        """Write a map: :meth:`write_nifti` for a volume image, :meth:`write_cifti` for grayordinates.
+
+        The one way maps are written (``bids.images.unmask`` gives either, from the
+        run's mask image or its ``Grayordinates``); ``OutputFiles`` names them with
+        the matching extension.
+        """
+        import nibabel as nib
+
+        from .images import GrayordinateMap
+
+        if isinstance(img, (nib.Cifti2Image, GrayordinateMap)):
+            return self.write_cifti(img, path, sidecar, sources)
+        return self.write_nifti(img, path, sidecar, sources)
+
     def write_tsv(self, df, path: PathLike, sidecar: Mapping[str, Any], sources: Sources = None) -> Path:
         """Write a table as BIDS TSV (tab-separated, ``n/a`` for missing, no index) and its sidecar.
 
@@ -896,7 +940,13 @@ class OutputFiles:
     """
 
     def __init__(self, writer: DerivativesWriter, space: str):
+        from .images import CIFTI_DENSITY, is_cifti_space
+
         self.writer, self.space = writer, space
+        #: maps over grayordinates (``--space fsLR``): ``space-fsLR_den-91k_..dscalar.nii``
+        self.cifti = is_cifti_space(space)
+        self._grid = {"space": space, "den": CIFTI_DENSITY} if self.cifti else {"space": space}
+        self.map_ext = ".dscalar.nii" if self.cifti else ".nii.gz"
 
     # entities: the story names a participant's per-story outputs
     @staticmethod
@@ -936,11 +986,18 @@ class OutputFiles:
         return self.writer.path(dict(run_entities, desc=desc), "design", ".tsv")
 
     def statmap(self, ent: dict, desc: str, stat: str) -> Path:
-        return self.writer.path(dict(ent, space=self.space, desc=desc, stat=stat), "statmap", ".nii.gz")
+        """A map: ``.nii.gz`` in a volume space, ``den-91k_...statmap.dscalar.nii`` on grayordinates."""
+        return self.writer.path(dict(ent, **self._grid, desc=desc, stat=stat), "statmap", self.map_ext)
 
     def fdr_mask(self, ent: dict, desc: str = "cvfdr") -> Path:
-        """``desc`` cvfdr (CV r significant) or uniquefdr (the atoms' unique part significant)."""
-        return self.writer.path(dict(ent, space=self.space, desc=desc), "mask", ".nii.gz")
+        """``desc`` cvfdr (CV r significant) or uniquefdr (the atoms' unique part significant).
+
+        On grayordinates ``..._mask.dscalar.nii``: BIDS knows ``mask`` for volumes only, so
+        the pattern goes into ``.bidsignore`` (the validator refuses it otherwise).
+        """
+        if self.cifti:
+            self.writer.add_bidsignore([f"*den-{self._grid['den']}*_mask.*"])  # (a leading '_' there fails to match)
+        return self.writer.path(dict(ent, **self._grid, desc=desc), "mask", self.map_ext)
 
     def table(self, ent: dict, atlas: str, suffix: str, extension: str = ".tsv") -> Path:
         return self.writer.path(dict(ent, desc=label(atlas)), suffix, extension)
@@ -991,9 +1048,10 @@ class OutputFiles:
 
     def group_statmap(self, story: Optional[str], desc: str, stat: str) -> Path:
         """``group/<story>/task-<story>_space-..._statmap.nii.gz``; story None: ``group/space-...``."""
+        den = f"_den-{self._grid['den']}" if self.cifti else ""
         return self.writer.group_path(
-            f"{self._task(story)}space-{label(self.space)}_desc-{label(desc)}_stat-{label(stat)}"
-            "_statmap.nii.gz", story)
+            f"{self._task(story)}space-{label(self.space)}{den}_desc-{label(desc)}_stat-{label(stat)}"
+            f"_statmap{self.map_ext}", story)
 
     def group_table(self, story: Optional[str], atlas: str, suffix: str, extension: str = ".tsv") -> Path:
         """``group/<story>/task-<story>_desc-<atlas>_<suffix>``; story None: ``group/desc-<atlas>_<suffix>``."""

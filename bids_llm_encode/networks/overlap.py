@@ -227,12 +227,27 @@ NULLS = ("auto", "spin", "volume", "shift")
 DEFAULT_MIN_DICE = 0.1
 
 
-def resolve_null(null: str, atlas: Atlas) -> str:
-    """The null that serves an atlas: ``auto`` -> ``spin`` for CA12 / Yeo7 / Yeo17, ``volume`` otherwise."""
+def network_codes(nets: np.ndarray) -> np.ndarray:
+    """Boolean network maps (n_networks, n) -> codes (n,) uint8: 0 = none, j + 1 = network j (the first)."""
+    nets = np.asarray(nets, bool)
+    return np.where(nets.any(axis=0), nets.argmax(axis=0) + 1, 0).astype(np.uint8)
+
+
+def resolve_null(null: str, atlas: Atlas, grayordinates: bool = False) -> str:
+    """The null that serves an atlas: ``auto`` -> ``spin`` for CA12 / Yeo7 / Yeo17, ``volume`` otherwise.
+
+    On grayordinates (a CIFTI run) every atlas is on the fsLR cortex: ``spin``;
+    the volume nulls need a voxel grid (exit 64).
+    """
     from .surface import is_surface_atlas
 
     if null not in NULLS:
         raise UsageError(f"the spatial null must be one of {', '.join(NULLS)}; got {null!r}")
+    if grayordinates:
+        if null in ("volume", "shift"):
+            raise UsageError(f"--fbn-null {null} needs volume maps; CIFTI inputs (--space fsLR) are tested "
+                             "with the spin test: use --fbn-null auto or spin")
+        return "spin"
     if null == "auto":
         return "spin" if is_surface_atlas(atlas) else "volume"
     if null == "spin" and not is_surface_atlas(atlas):
@@ -375,8 +390,14 @@ def correspondence(
     from .atlases import grey_matter
     from .surface import cortex_labels, spin_codes, spin_indices, spin_pvalues, volume_to_cortex
 
-    mask_img, mask = _as_mask(mask_img)
-    n_vox = int(mask.sum())
+    from ..bids.images import Grayordinates
+
+    grid = mask_img if isinstance(mask_img, Grayordinates) else None
+    if grid is None:
+        mask_img, mask = _as_mask(mask_img)
+        n_vox = int(mask.sum())
+    else:
+        n_vox = grid.size
     z = np.asarray(z_maps, dtype=np.float64)
     if z.ndim == 1:
         z = z[None]
@@ -392,7 +413,7 @@ def correspondence(
         z = np.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)
     if map_rule not in ("winner", "all"):
         raise UsageError(f"map_rule must be 'winner' or 'all', got {map_rule!r}")
-    kind = resolve_null(null, atlas)
+    kind = resolve_null(null, atlas, grayordinates=grid is not None)
     exhaustive = not n_null
     if ((not exhaustive and n_null < 1) or threshold < 0 or not 0 < fdr_alpha < 1 or not 0 < min_kept <= 1
             or not 0 <= min_dice <= 1 or n_spins < 1):
@@ -405,10 +426,16 @@ def correspondence(
         raise UsageError(f"{len(names)} atom names for {n_atoms} maps")
     t0 = time.perf_counter()
     if kind == "spin":
-        zs = volume_to_cortex(z, mask_img)
+        if grid is not None:  # grayordinates: the cortical ones are the fsLR 32k vertices already
+            ctx = grid.cortex()
+            zs, codes = z[:, ctx], network_codes(nets[:, ctx])
+            if not codes.any():
+                raise DataError(f"atlas {atlas.name} labels no cortical grayordinate; the spin test needs "
+                                "cortical networks")
+        else:
+            zs, codes = volume_to_cortex(z, mask_img), cortex_labels(atlas)
         if map_rule == "winner":
             zs = preferred_atom_maps(zs)
-        codes = cortex_labels(atlas)
         maps = np.stack([zs > threshold, zs < -threshold], axis=1)  # (n_atoms, 2, n_vertices)
         spun = spin_codes(codes, spin_indices(n_spins, seed, cache))
         ov, _, p = spin_pvalues(maps.reshape(2 * n_atoms, -1), codes, n_net, spun)

@@ -25,7 +25,7 @@ from ..cache import Cache, cache_root
 from ..config import Config, normalize_labels
 from ..encoding.stats import MIN_CEILING, ceiling_fraction
 from ..errors import DataError, MissingInputError, NoMatchError
-from ..bids.images import check_image, load_image, load_mask, unmask
+from ..bids.images import check_image, grid_volume, load_cifti_map, load_image, load_mask, unmask
 from ..bids.tables import read_json, read_tsv
 
 log = logging.getLogger(__name__)
@@ -179,6 +179,10 @@ class GroupStory:
         self.cache, self.writer, self.report = cache, writer, report
         self.files = OutputFiles(writer, config.space)
         self.title = f"story {story}" if story is not None else "dataset level (all stories)"
+        #: CIFTI participant maps (--space fsLR): their Grayordinates once the first is read. The
+        #: statistics run on (n, 1, 1) "volumes" of the grayordinates (``bids.images.grid_volume``),
+        #: the maps are written back as dscalar (:meth:`_out`) and the networks use the grid (:meth:`_space`).
+        self.grid = None
 
     def _dictionary_file(self, kind: str) -> Path:
         """A file of the dictionary the maps were made with: the model level's (model scope), else the story's."""
@@ -186,6 +190,22 @@ class GroupStory:
         if self.config.dictionary_scope == "model":
             return self.files.model(model, kind)
         return self.files.story(self.story, model, kind)
+
+    def _out(self, img):
+        """A map to write or draw: the image itself, or for CIFTI its grayordinates' dscalar map."""
+        if not self.files.cifti:
+            return img
+        return self.grid.image(np.asarray(img.dataobj, np.float32).reshape(-1))
+
+    def _space(self, brain):
+        """What the atlases and the correspondence take: the group mask, or the grayordinates."""
+        return self.grid if self.files.cifti else brain
+
+    def _check(self, path: Path, ent: dict) -> None:
+        if self.files.cifti:
+            self.grid, _ = load_cifti_map(path, "participant map", self._hint(ent), self.grid)
+        else:
+            check_image(path, "participant map", (3,), self._hint(ent))
 
     def _map(self, ent: dict, desc: str, stat: str) -> Path:
         return self.files.statmap(ent, desc, stat)
@@ -229,7 +249,7 @@ class GroupStory:
                 ents.append(e)
         for e in ents:  # every map's header and completeness, before the first is used (exit 65)
             for f in self._needed(e, names):
-                check_image(f, "participant map", (3,), self._hint(e))
+                self._check(f, e)
         if not ents:
             raise MissingInputError(f"{title}: no participant has complete atom maps in "
                                     f"{writer.output_dir}; run (or rerun) the participant level first")
@@ -278,7 +298,7 @@ class GroupStory:
                        "effect: fixed effects, inference about these participants only")
             group_z[k] = np.asarray(z_img.dataobj)[mask]
             for stat, img in (("z", z_img), ("effect", eff_img)):
-                writer.write_nifti(img, self.files.group_statmap(story, name, stat),
+                writer.write_image(self._out(img), self.files.group_statmap(story, name, stat),
                     {"Description": f"Group {stat} map of atom {k}: {how}.", "GroupModel":
                      "random" if random_fx else "fixed", "Participants": subs,
                      "SessionsCombined": "fixed effects (nilearn compute_fixed_effects, precision-weighted) "
@@ -290,7 +310,7 @@ class GroupStory:
         cv_r2 = self._unit_mean(lambda e: self._load(self._map(e, desc="cv", stat="rsquared"), e)[1][mask])
         mean_r2 = cv_r2.mean(axis=0)
         sig_frac = self._unit_mean(lambda e: self._load(self.files.fdr_mask(e), e)[1][mask] > 0).mean(axis=0)
-        writer.write_nifti(unmask(sig_frac, brain), self.files.group_statmap(story, "cvfdr", "fraction"),
+        writer.write_image(self._out(unmask(sig_frac, brain)), self.files.group_statmap(story, "cvfdr", "fraction"),
             {"Description": "Fraction of participants whose CV r is FDR-significant in each voxel."},
             [self.files.fdr_mask(e) for e in ents])
 
@@ -305,7 +325,7 @@ class GroupStory:
                      "correlation on story frames (mean over participants of r with the others' mean)."),
                     ("cvisc", "fraction", frac, f"Participants' mean CV r as a fraction of the ISC "
                      f"ceiling, where the ceiling is at least {MIN_CEILING} (0 elsewhere).")):
-                writer.write_nifti(unmask(np.nan_to_num(values), brain),
+                writer.write_image(self._out(unmask(np.nan_to_num(values), brain)),
                                    self.files.group_statmap(story, desc, stat),
                                    {"Description": text, "Participants": subs}, sources)
             ceiling_info = {"median ISC ceiling": round(float(np.median(isc)), 3),
@@ -316,19 +336,19 @@ class GroupStory:
         sec.keyvalues({"participants": n, "atoms": len(names), "dictionary R²": card.get("dictionary_r2"),
                        "mean CV R² (max voxel)": round(float(mean_r2.max()), 3), **ceiling_info})
         if isc is not None:
-            sec.figure(fig.glass_brain(unmask(np.nan_to_num(frac), brain), "mean CV r / ISC ceiling",
+            sec.figure(fig.glass_brain(self._out(unmask(np.nan_to_num(frac), brain)), "mean CV r / ISC ceiling",
                                        threshold=1e-6),
                        "The participants' mean cross-validated r as a fraction of the group noise "
                        "ceiling (leave-one-out inter-subject correlation).")
-        sec.figure(fig.glass_brain(unmask(sig_frac, brain), "fraction of participants with "
+        sec.figure(fig.glass_brain(self._out(unmask(sig_frac, brain)), "fraction of participants with "
                                    "significant CV r", threshold=1e-6),
                    "Where the atoms predict BOLD: the fraction of participants whose cross-validated r "
                    "is FDR-significant.")
         metrics_out = {}
         for spec in cfg.fbn_atlas:
-            atlas = load_atlas(spec, brain, cache=self.cache, space=cfg.space)
+            atlas = load_atlas(spec, self._space(brain), cache=self.cache, space=cfg.space)
             desc = label(atlas.name)
-            corr = correspondence(group_z, brain, atlas, threshold=cfg.map_threshold, map_rule=cfg.map_rule,
+            corr = correspondence(group_z, self._space(brain), atlas, threshold=cfg.map_threshold, map_rule=cfg.map_rule,
                                   null=cfg.fbn_null, n_null=cfg.n_spatial_null, n_spins=cfg.n_spins,
                                   seed=cfg.seed, fdr_alpha=cfg.fdr_alpha, min_dice=cfg.min_dice,
                                   stable=stable, cache=self.cache)
@@ -399,7 +419,14 @@ class GroupStory:
         return f"Rerun the participant level for sub-{ent['sub']} into {self.writer.output_dir}."
 
     def _load(self, path: Path, ent: dict) -> tuple[nib.Nifti1Image, np.ndarray]:
-        """A participant map through the checked reader (a read error is exit 65 naming it)."""
+        """A participant map through the checked reader (a read error is exit 65 naming it).
+
+        A CIFTI map comes as its (n, 1, 1) grayordinate "volume" (``bids.images.grid_volume``).
+        """
+        if self.files.cifti:
+            self.grid, values = load_cifti_map(path, "participant map", self._hint(ent), self.grid)
+            img = grid_volume(values)
+            return img, np.asarray(img.dataobj)
         return load_image(path, "participant map", (3,), self._hint(ent))
 
     def _unit_maps(self, name: str, brain, mask: np.ndarray) -> tuple[list, np.ndarray]:
@@ -473,6 +500,8 @@ class GroupStory:
         first = {}
         for r in runs:  # one presentation per participant
             first.setdefault(r.subject, r)
+        if self.files.cifti:  # one grid: every run's grayordinates were checked at the participant level
+            return isc_ceiling(list(first.values()), self.grid, cfg.confounds_strategy, cfg.scrub)
         masks = [load_mask(r.mask) for r in first.values()]  # the checked reader (exit 65)
         grids = {(m.shape[:3], tuple(np.round(m.affine, 3).ravel())) for m in masks}
         if len(grids) > 1 or next(iter(grids))[0] != mask.shape:
@@ -481,6 +510,9 @@ class GroupStory:
         return isc_ceiling(list(first.values()), mask, cfg.confounds_strategy, cfg.scrub)
 
     def _group_mask(self, ents) -> nib.Nifti1Image:
+        if self.files.cifti:  # every grayordinate is in (as at the participant level)
+            self._load(self._map(ents[0], desc="cv", stat="r"), ents[0])
+            return nib.Nifti1Image(np.ones((self.grid.size, 1, 1), np.uint8), np.eye(4))
         loaded = [self._load(self._map(e, desc="cv", stat="r"), e) for e in ents]
         inside = np.all([data != 0 for _, data in loaded], axis=0)
         return nib.Nifti1Image(inside.astype(np.uint8), loaded[0][0].affine)

@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from ..bids.images import AFFINE_ATOL_MM, check_mask, load_bold, unmask
+from ..bids.images import AFFINE_ATOL_MM, Grayordinates, check_mask, cifti_grid, load_bold, unmask
 from ..bids.inputs import find_runs, find_runs_and_stories, run_summary
 from ..bids.outputs import DerivativesWriter, label, model_label  # noqa: F401 - label: for importers
 from ..bids.outputs import OutputFiles as ParticipantFiles
@@ -118,7 +118,7 @@ class StoryResult:
     activations: WordActivations
     dictionary: Dictionary
     encoding: EncodingResult
-    mask_img: nib.Nifti1Image
+    mask_img: object  # the brain mask (Nifti1Image), or Grayordinates for a CIFTI run
     correspondence: dict  # atlas name -> DataFrame
     metrics: dict  # atlas name -> (summary dict, per-network DataFrame)
     subgroups: pd.DataFrame
@@ -214,7 +214,7 @@ class Participant:
             write_stimulus_outputs(writer, story, acts, dic, sub_df, cfg, div_chance)
 
         mask_img = _common_mask(runs)
-        mask = np.asarray(mask_img.dataobj) > 0
+        mask = mask_img if isinstance(mask_img, Grayordinates) else np.asarray(mask_img.dataobj) > 0
         ent = self.files.story_entities(self.subject, runs[0].session, story.name)
         baselines = [stimulus.run_baselines(r, r.frame_times - r.story_onset, cfg) for r in runs]
         names = [n for n in baselines[0][1] if all(n in b[1] for b in baselines)]  # a column can drop in a run
@@ -247,7 +247,7 @@ class Participant:
                            n_targets_batch=voxel_batch(cfg.mem_mb, sum(d.Y.shape[0] for d in data)),
                            fdr_alpha=cfg.fdr_alpha, seed=cfg.seed, atom_model=cfg.atom_model,
                            backend="torch_cuda" if stimulus.torch_device(cfg.device) == "cuda" else "numpy")
-        sources = [r.bold for r in runs] + [r.mask for r in runs] + [r.confounds for r in runs]
+        sources = [r.bold for r in runs] + [r.mask for r in runs if r.mask] + [r.confounds for r in runs]
         enc.info["baseline_names"] = names
         enc.info["TaskName"] = ", ".join(sorted({r.task for r in runs}))  # the BIDS task(s) of the story
         self.write_encoding_maps(enc, mask_img, ent, sources)
@@ -274,7 +274,7 @@ class Participant:
                                         "variance calibrated by the circular-shift null)"),
                                        ("z", enc.z[k], "z statistic of the effect, calibrated on the "
                                         "circular-shift null of the design (docs/encoding.md)")):
-                writer.write_nifti(unmask(values, mask_img, nan=None if stat == "variance" else 0.0),
+                writer.write_image(unmask(values, mask_img, nan=None if stat == "variance" else 0.0),
                                    self.files.statmap(ent, name, stat),
                                    {"Description": f"Atom {k}: {what}.", "Atom": k, "Statistic": stat,
                                     "Model": cfg.model, **info}, sources)
@@ -311,15 +311,15 @@ class Participant:
                  "null of the atoms, the baselines kept in place (docs/encoding.md)."),
             ]
         for desc, stat, values, text in voxel_maps:
-            writer.write_nifti(unmask(values, mask_img, outside=1.0 if stat == "p" else 0.0),
+            writer.write_image(unmask(values, mask_img, outside=1.0 if stat == "p" else 0.0),
                                self.files.statmap(ent, desc, stat),
                                {"Description": text, **info}, sources)
-        writer.write_nifti(unmask(enc.significant.astype(np.uint8), mask_img, dtype=np.uint8),
+        writer.write_image(unmask(enc.significant.astype(np.uint8), mask_img, dtype=np.uint8),
                            self.files.fdr_mask(ent),
                            {"Description": f"Voxels whose CV r is significant at FDR "
                             f"{cfg.fdr_alpha} (Benjamini-Hochberg over the mask)."}, sources)
         if enc.significant_unique is not None:
-            writer.write_nifti(unmask(enc.significant_unique.astype(np.uint8), mask_img, dtype=np.uint8),
+            writer.write_image(unmask(enc.significant_unique.astype(np.uint8), mask_img, dtype=np.uint8),
                                self.files.fdr_mask(ent, "uniquefdr"),
                                {"Description": f"Voxels where the atoms' unique part (beyond the "
                                 f"baselines) is significant at FDR {cfg.fdr_alpha}."}, sources)
@@ -612,8 +612,19 @@ def _card_info(info: dict) -> dict:
     return dict(info, consensus={k: v for k, v in c.items() if k not in ("restart_r", "restart_jaccard")})
 
 
-def _common_mask(runs: list[RunInputs]) -> nib.Nifti1Image:
-    """The intersection of the runs' brain masks (they must share a grid; each is on its BOLD's)."""
+def _common_mask(runs: list[RunInputs]):
+    """The intersection of the runs' brain masks (they must share a grid; each is on its BOLD's).
+
+    CIFTI runs (no mask): the :class:`~bids_llm_encode.bids.images.Grayordinates` of the first
+    run, which every other run must share (exit 65 naming the file).
+    """
+    if runs[0].mask is None:
+        grid = cifti_grid(runs[0].bold)
+        for r in runs[1:]:
+            if cifti_grid(r.bold) != grid:
+                raise DataError(f"{r.bold}: its grayordinates differ from those of {runs[0].bold}; runs of "
+                                "one story must be on the same grayordinates")
+        return grid
     first = check_mask(runs[0].mask, runs[0].bold)
     mask = np.asarray(first.dataobj) > 0
     for r in runs:
