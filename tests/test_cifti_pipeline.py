@@ -62,8 +62,9 @@ def test_maps_are_dscalar_on_the_91k_grayordinates(cifti):
     assert isinstance(img, nib.Cifti2Image) and img.shape == (1, 91282)
     assert json.loads(z.with_name(z.name.replace(".dscalar.nii", ".json")).read_text())["Sources"]
     assert not list(cifti["out"].rglob("*.nii.gz"))  # no volume map anywhere
-    group = cifti["out"] / "group" / "lighthouse"
-    assert (group / "task-lighthouse_space-fsLR_den-91k_desc-atom00_stat-z_statmap.dscalar.nii").is_file()
+    group = cifti["out"] / "group"  # the dataset level (--dictionary-scope model); 2 participants: no per-story level
+    assert (group / "space-fsLR_den-91k_desc-atom00_stat-z_statmap.dscalar.nii").is_file()
+    assert not (group / "lighthouse").exists()
 
 
 def test_outputs_pass_the_bids_validator(cifti):
@@ -81,7 +82,7 @@ def test_participant_links_match_the_truth(cifti):
 
 
 def test_group_links_match_the_truth(cifti):
-    links = cifti["out"] / "group" / "lighthouse" / "task-lighthouse_desc-CA12_links.tsv"
+    links = cifti["out"] / "group" / "desc-CA12_links.tsv"
     precision, recall = precision_recall(found_links(links), truth_links(cifti["truth"]))
     assert precision >= 0.8 and recall >= 0.8, (precision, recall)
 
