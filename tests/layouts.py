@@ -366,3 +366,15 @@ def tree_checksums(root: Path) -> dict[str, str]:
         elif p.is_dir():
             out[str(p.relative_to(root)) + "/"] = "dir"
     return out
+
+
+def write_tiny_atlas(root: Path, folder: Path) -> Path:
+    """A two-network NIfTI atlas (A, B) on the grid of ``root``'s first brain mask, with its TSV of names."""
+    mask = next((root / "derivatives" / "fmriprep").rglob("*brain_mask.nii.gz"))
+    data = np.zeros((4, 4, 4), np.int16)
+    data[1:3, 1:3, 1:2], data[1:3, 1:3, 2:3] = 1, 2
+    path = folder / "atlas.nii.gz"
+    nib.save(nib.Nifti1Image(data, nib.load(mask).affine), path)
+    (folder / "atlas.tsv").write_text("index\tname\n1\tA\n2\tB\n")
+    return path
+

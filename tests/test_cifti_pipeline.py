@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -21,6 +20,7 @@ import pytest
 from bids_llm_encode.bids.validate import validate_derivatives
 from bids_llm_encode.cli import run
 from bids_llm_encode.demo.generate import generate_demo
+from truth import found_links, precision_recall, truth_links
 
 SUBJECTS = ("01", "02")
 SMALL = ["--n-atoms", "16", "--restarts", "4"]  # the plant's dictionary: the same settings
@@ -38,21 +38,6 @@ def cifti(tmp_path_factory, session_cache):
     assert run([str(ds), str(out), "group", "--group-model", "fixed", *FAST]) == 0
     truth = json.loads((ds / "code" / "demo_truth.json").read_text())
     return {"ds": ds, "out": out, "truth": truth}
-
-
-def truth_links(truth) -> set:
-    atoms = {name: s["atom_index"] for name, s in truth["plant"]["signals"].items()}
-    return {(atoms[c["signal"]], c["network"], c["sign"]) for c in truth["couplings"]}
-
-
-def found_links(path: Path) -> set:
-    df = pd.read_csv(path, sep="\t")
-    return {(int(a), n, s) for a, n, s in zip(df["atom"], df["network"], df["sign"])}
-
-
-def precision_recall(found: set, truth: set) -> tuple[float, float]:
-    hits = len(found & truth)
-    return hits / max(len(found), 1), hits / len(truth)
 
 
 def test_maps_are_dscalar_on_the_91k_grayordinates(cifti):

@@ -23,7 +23,7 @@ from bids_llm_encode.bids.outputs import DerivativesWriter, OutputFiles
 from bids_llm_encode.cli import run
 from bids_llm_encode.config import Config
 from bids_llm_encode.errors import EXIT_NO_INPUT, EXIT_USAGE, UsageError
-from layouts import make_layout, tree_checksums
+from layouts import make_layout, tree_checksums, write_tiny_atlas
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = [(f"w{i}", f"w{i}", 0.5 + 0.4 * i, 0.8 + 0.4 * i) for i in range(60)]  # 24 s of speech
@@ -280,11 +280,7 @@ def test_two_story_multi_echo_4d_mask_session_run_end_to_end(tmp_path):
 
     root = _schema(tmp_path / "ds", session="01", echoes=2, mask_4d=True)
     before = tree_checksums(root)
-    mask = next((root / "derivatives" / "fmriprep").rglob("*brain_mask.nii.gz"))
-    data = np.zeros((4, 4, 4), np.int16)
-    data[1:3, 1:3, 1:2], data[1:3, 1:3, 2:3] = 1, 2
-    nib.save(nib.Nifti1Image(data, nib.load(mask).affine), tmp_path / "atlas.nii.gz")
-    (tmp_path / "atlas.tsv").write_text("index\tname\n1\tA\n2\tB\n")
+    write_tiny_atlas(root, tmp_path)
     out = tmp_path / "out"
     opts = ["--skip-bids-validation", "--cache-dir", str(tmp_path / "cache"), "--model", "minilm-l6",
             "--n-atoms", "4", "--restarts", "1", "--n-permutations", "20", "--cv-folds", "2",

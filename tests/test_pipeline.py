@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -23,6 +22,7 @@ from bids_llm_encode.demo.generate import generate_demo
 from bids_llm_encode.errors import EXIT_NO_INPUT
 from browser import body_attrs, load_in_chromium
 from layouts import tree_checksums
+from truth import found_links, precision_recall, truth_links
 
 SUBJECTS = ("01", "02", "03")
 
@@ -37,21 +37,6 @@ def demo(tmp_path_factory, session_cache):
     assert run([str(ds), str(out), "group", "--group-model", "fixed"]) == 0
     truth = json.loads((ds / "code" / "demo_truth.json").read_text())
     return {"ds": ds, "out": out, "before": before, "truth": truth}
-
-
-def truth_links(truth) -> set:
-    atoms = {name: s["atom_index"] for name, s in truth["plant"]["signals"].items()}
-    return {(atoms[c["signal"]], c["network"], c["sign"]) for c in truth["couplings"]}
-
-
-def found_links(path: Path) -> set:
-    df = pd.read_csv(path, sep="\t")
-    return {(int(a), n, s) for a, n, s in zip(df["atom"], df["network"], df["sign"])}
-
-
-def precision_recall(found: set, truth: set) -> tuple[float, float]:
-    hits = len(found & truth)
-    return hits / max(len(found), 1), hits / len(truth)
 
 
 def test_input_dataset_unchanged(demo):

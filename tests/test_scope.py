@@ -22,7 +22,7 @@ from bids_llm_encode.bids.inputs import dataset_stories, find_runs
 from bids_llm_encode.cli import run
 from bids_llm_encode.config import Config
 from bids_llm_encode.errors import UsageError
-from layouts import make_layout
+from layouts import make_layout, write_tiny_atlas
 
 WORDS = [(f"w{i}", f"w{i}", 0.5 + 0.4 * i, 0.8 + 0.4 * i) for i in range(60)]  # 24 s of speech
 PIEMAN = [(f"p{i}", f"p{i}", 0.3 + 0.5 * i, 0.6 + 0.5 * i) for i in range(40)]  # 20 s, other words
@@ -122,11 +122,7 @@ def test_model_scope_end_to_end(tmp_path):
     from bids_llm_encode.workflows import stimulus
 
     root = _dataset(tmp_path / "ds")
-    mask = next((root / "derivatives" / "fmriprep").rglob("*brain_mask.nii.gz"))
-    data = np.zeros((4, 4, 4), np.int16)
-    data[1:3, 1:3, 1:2], data[1:3, 1:3, 2:3] = 1, 2
-    nib.save(nib.Nifti1Image(data, nib.load(mask).affine), tmp_path / "atlas.nii.gz")
-    (tmp_path / "atlas.tsv").write_text("index\tname\n1\tA\n2\tB\n")
+    write_tiny_atlas(root, tmp_path)
     out = tmp_path / "out"
     opts = _opts(tmp_path, tmp_path / "atlas.nii.gz")
     for sub in ("03", "01", "02", "04"):  # one participant per process: each sees the whole dataset's stories

@@ -432,19 +432,9 @@ def write_stimulus_outputs(writer: DerivativesWriter, story: Story, acts: WordAc
     settings = digest(acts.card.get("cache_key"), dic.atoms.shape, dic.alpha, cfg.n_atoms, cfg.sparsity,
                       cfg.seed, cfg.atom_tr, cfg.hrf, cfg.subgroup, cfg.an_centering, cfg.restarts,
                       cfg.min_stability, "diversity-chance" if diversity_chance is not None else None)
-    if card_path.exists():
-        from ..bids.tables import read_json
-
-        try:
-            old = read_json(card_path, "model card")
-        except DataError as exc:  # not readable: written again below, like a card of other settings
-            log.warning("%s; rewriting the story's files", exc)
-            old = {}
-        if isinstance(old, dict) and old.get("settings_digest") == settings:
-            return
-        if old:
-            log.warning("%s: written with other settings; rewriting the story's files. Participants "
-                        "run before with the old settings have maps of other atoms: rerun them.", card_path)
+    if _card_is_current(card_path, "settings_digest", settings, "the story's files",
+                        "written with other settings"):
+        return
     src = [story.source]
     names = atom_names(dic.n_atoms)
     atoms = pd.DataFrame(dic.atoms, columns=names)
@@ -500,23 +490,14 @@ def write_model_outputs(writer: DerivativesWriter, stories: list[Story], acts: W
     replaced (warned: earlier participants' maps belong to the old atoms). ``acts``: any story's
     activations (the neurons' layers and units, the model's card).
     """
-    from ..bids.tables import read_json
     from ..patterns.consensus import STABILITY_COLUMNS, stability_table
     from ..patterns.subgroups import loadings_table
 
     model, files = model_label(cfg), ParticipantFiles(writer, cfg.space)
     card_path = files.model(model, "modelcard")
-    if card_path.exists():
-        try:
-            old = read_json(card_path, "model card")
-        except DataError as exc:
-            log.warning("%s; rewriting the model-level files", exc)
-            old = {}
-        if isinstance(old, dict) and old.get("dictionary_key") == key:
-            return
-        if old:
-            log.warning("%s: another model-level dictionary (other stories or settings); rewriting it. "
-                        "Participants run before have maps of other atoms: rerun them.", card_path)
+    if _card_is_current(card_path, "dictionary_key", key, "the model-level files",
+                        "another model-level dictionary (other stories or settings)"):
+        return
     index = dic.info.get("stories", [])
     src = [s.source for s in stories]
     names = atom_names(dic.n_atoms)
@@ -602,6 +583,29 @@ def write_story_atoms(writer: DerivativesWriter, story: Story, acts: WordActivat
                      {"Description": "Neuron frame series X (frames x neurons, z-scored, float16) on the "
                       "reference grid of atoms.tsv; numpy.load. Columns follow the model-level loadings.tsv's "
                       "neuron index.", "FrameTimes": part.frame_times.tolist(), "DictionaryKey": key}, src)
+
+
+def _card_is_current(card_path: Path, field: str, value: str, files: str, other: str) -> bool:
+    """Whether the model card at ``card_path`` holds ``value`` in ``field`` (then its files stand).
+
+    Otherwise (absent, unreadable, or of other settings) they are to be written again; a card
+    of other settings is warned about: participants run before have maps of other atoms.
+    """
+    from ..bids.tables import read_json
+
+    if not card_path.exists():
+        return False
+    try:
+        old = read_json(card_path, "model card")
+    except DataError as exc:  # not readable: written again, like a card of other settings
+        log.warning("%s; rewriting %s", exc, files)
+        return False
+    if isinstance(old, dict) and old.get(field) == value:
+        return True
+    if old:
+        log.warning("%s: %s; rewriting %s. Participants run before have maps of other atoms: rerun "
+                    "them.", card_path, other, files)
+    return False
 
 
 def _card_info(info: dict) -> dict:
