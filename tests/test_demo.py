@@ -256,8 +256,8 @@ class SineDrive:
     atlas = "CA12"
     couplings = (Coupling("sine", "Auditory", 3.0),)
 
-    def prepare(self, story, work_dir):
-        self.prepared = story.n_words
+    def prepare(self, stories, work_dir):
+        self.prepared = sum(s.n_words for s in stories)
 
     def signals(self, story, run: DemoRun):
         return np.sin(2 * np.pi * run.audio_frame_times / 40.0)[:, None], ["sine"]

@@ -12,7 +12,7 @@ Two plants ship:
   alone (word rate, word length, sentence ends, commas), HRF-convolved at the
   run's frame times. Needs no language model; fast; used by tests.
 - :class:`ModelAtomsPlant` (``"model-atoms"``): signals are atoms of the
-  embedded language model's sparse dictionary, computed on this very story by
+  embedded language model's sparse dictionary, computed on the dataset's stories by
   the project's own participant-workflow code
   (``bids_llm_encode.workflows.stimulus``), so that the pipeline can recover them.
 
@@ -117,8 +117,8 @@ class Plant(Protocol):
     atlas: str
     couplings: tuple[Coupling, ...]
 
-    def prepare(self, story: Story, work_dir: Path) -> None:
-        """Do once-per-story work (e.g. fit the model's dictionary) before ``signals``."""
+    def prepare(self, stories: list[Story], work_dir: Path) -> None:
+        """Do once-per-dataset work (e.g. fit the model's dictionary on the stories) before ``signals``."""
 
     def signals(self, story: Story, run: DemoRun) -> tuple[np.ndarray, list[str]]:
         """Time courses at the run's frames, shape (n_frames, P), and their P names."""
@@ -167,7 +167,7 @@ class WordFeaturesPlant:
         self.couplings = tuple(self.couplings)
         _check_couplings(self.couplings, self.SIGNALS)
 
-    def prepare(self, story: Story, work_dir: Path) -> None:  # nothing to precompute
+    def prepare(self, stories: list[Story], work_dir: Path) -> None:  # nothing to precompute
         return None
 
     def signals(self, story: Story, run: DemoRun) -> tuple[np.ndarray, list[str]]:
@@ -247,10 +247,11 @@ def choose_distinct_atoms(atoms: np.ndarray, n: int, max_abs_r: float = 0.3) -> 
 
 @dataclass
 class ModelAtomsPlant:
-    """Signals = chosen atoms of the embedded model's dictionary, learned on the story.
+    """Signals = chosen atoms of the embedded model's dictionary, learned on the dataset's stories.
 
-    Uses ``bids_llm_encode.workflows.stimulus.model_dictionary`` (``story_dictionary`` with
-    ``dictionary_scope="story"``) and ``run_design`` exactly as the participant workflow does, with a :class:`~bids_llm_encode.config.Config`
+    Uses ``bids_llm_encode.workflows.stimulus.model_dictionary`` over every story given to
+    :meth:`prepare` (``story_dictionary`` of the one story with ``dictionary_scope="story"``)
+    and ``run_design`` exactly as the participant workflow does, with a :class:`~bids_llm_encode.config.Config`
     built from ``config_overrides`` (model, n_atoms, sparsity, seed ...). The
     atoms are chosen by :func:`choose_distinct_atoms` unless ``atom_indices`` is given.
 
@@ -289,20 +290,32 @@ class ModelAtomsPlant:
             setattr(cfg, k, v)
         return cfg
 
-    def prepare(self, story: Story, work_dir: Path) -> None:
-        """Learn (or read from the cache) the story's dictionary and bind signals to atoms."""
-        from ..cache import Cache, cache_root
-        from ..workflows.stimulus import model_dictionary, story_activations, story_dictionary
+    def prepare(self, stories: list[Story], work_dir: Path) -> None:
+        """Learn (or read from the cache) the dictionary of the stories and bind signals to atoms.
 
+        ``--dictionary-scope model`` (the default): one dictionary over every story, as the
+        participant workflow learns it; ``story`` scope takes one story only.
+        """
+        from ..cache import Cache, cache_root
+        from ..workflows.stimulus import model_dictionary, run_design, story_activations, story_dictionary
+
+        stories = list(stories)
         cfg = self._config(work_dir)
         cache = Cache(cache_root(cfg))
-        log.info("model-atoms plant: computing the %s dictionary of story %r (K=%d, --dictionary-scope %s)",
-                 cfg.model, story.name, cfg.n_atoms, cfg.dictionary_scope)
-        if cfg.dictionary_scope == "model":  # the demo's one story is the dataset's: its model-level dictionary
-            activations = story_activations(story, cfg, cache)
-            dictionary = model_dictionary([story], cfg, cache)
+        names = ", ".join(s.name for s in stories)
+        log.info("model-atoms plant: computing the %s dictionary of %s (K=%d, --dictionary-scope %s)",
+                 cfg.model, names, cfg.n_atoms, cfg.dictionary_scope)
+        if cfg.dictionary_scope == "model":  # the dataset's stories: its model-level dictionary
+            activations = {s.name: story_activations(s, cfg, cache) for s in stories}
+            dictionary = model_dictionary(stories, cfg, cache)
+            spans = {r["story"]: (r["first_frame"], r["n_frames"]) for r in dictionary.info["stories"]}
+        elif len(stories) == 1:
+            acts, dictionary = story_dictionary(stories[0], cfg, cache)
+            activations = {stories[0].name: acts}
+            spans = {stories[0].name: (0, len(dictionary.frame_times))}
         else:
-            activations, dictionary = story_dictionary(story, cfg, cache)
+            raise UsageError("model-atoms plant: --dictionary-scope story plants one story's atoms; "
+                             f"this dataset has {len(stories)} stories")
         index = {}
         if self.atom_indices is not None:
             index = {k: int(v) for k, v in self.atom_indices.items()}
@@ -312,17 +325,28 @@ class ModelAtomsPlant:
             bad = [v for v in index.values() if not 0 <= v < dictionary.n_atoms]
             if bad:
                 raise UsageError(f"model-atoms plant: atom indices {bad} out of range 0..{dictionary.n_atoms - 1}")
-        # Choose among atoms as the pipeline will see them: projected on the loadings at the
-        # story's reference grid (run_design), with a non-empty AN sub-group.
-        from ..workflows.stimulus import run_design
+        # Choose among atoms as the pipeline will see them: each story's neurons projected on the
+        # loadings at its reference grid (run_design), with a non-empty AN sub-group; and after the
+        # drift regressors the participant stage removes (the demo's cosines, high-pass 128 s): the
+        # consensus's stable atoms are slower than the rest, and a planted signal the cleaning
+        # removes is one no single-run participant can detect.
+        from ..signal.frames import cosine_basis
 
         sizes = np.diff(dictionary.loadings.tocsr().indptr)
-        ref = np.asarray(run_design(dictionary.frame_times, story, activations, dictionary, cfg))
+        refs, seen = [], []
+        for s in stories:
+            first, n = spans[s.name]
+            ref = np.asarray(run_design(dictionary.frame_times[first:first + n], s, activations[s.name],
+                                        dictionary, cfg))
+            C = np.column_stack([np.ones(len(ref)), cosine_basis(len(ref), cfg.atom_tr)])
+            refs.append(ref)
+            seen.append(ref - C @ np.linalg.lstsq(C, ref, rcond=None)[0])
+        ref, seen = np.vstack(refs), np.vstack(seen)
         usable = np.flatnonzero((sizes > 0) & (ref.std(axis=0) > 1e-9))
         if self.atom_indices is None:
             if usable.size < len(self._names):
                 raise DataError(
-                    f"model-atoms plant: the {cfg.model} dictionary of story {story.name!r} has only "
+                    f"model-atoms plant: the {cfg.model} dictionary of {names} has only "
                     f"{usable.size} atoms with a non-empty neuron sub-group (R^2 {dictionary.r2:.3f}, "
                     f"sparsity {cfg.sparsity}); {len(self._names)} are needed. Lower the sparsity "
                     "(--sparsity) or use --plant word-features.")
@@ -336,13 +360,6 @@ class ModelAtomsPlant:
                 log.warning("model-atoms plant: only %d usable atoms reach stability %.2f, %d are "
                             "needed; planting less stable atoms too", stable.size, cfg.min_stability,
                             len(self._names))
-            # ... and after the drift regressors the participant stage removes (the demo's cosines,
-            # high-pass 128 s): the consensus's stable atoms are slower than the rest, and a planted
-            # signal the cleaning removes is one no single-run participant can detect
-            from ..signal.frames import cosine_basis
-
-            C = np.column_stack([np.ones(len(ref)), cosine_basis(len(ref), cfg.atom_tr)])
-            seen = ref - C @ np.linalg.lstsq(C, ref, rcond=None)[0]
             picks = choose_distinct_atoms(seen[:, usable], len(self._names))
             index = dict(zip(self._names, (int(usable[i]) for i in picks)))
         elif not set(index.values()) <= set(usable.tolist()):
@@ -362,7 +379,10 @@ class ModelAtomsPlant:
         from ..workflows.stimulus import run_design
 
         st = self._state
-        design = np.asarray(run_design(run.audio_frame_times, story, st["activations"],
+        if story.name not in st["activations"]:
+            raise UsageError(f"ModelAtomsPlant.signals: story {story.name!r} was not among those prepared "
+                             f"({sorted(st['activations'])})")
+        design = np.asarray(run_design(run.audio_frame_times, story, st["activations"][story.name],
                                        st["dictionary"], st["config"]))
         if design.shape != (run.n_frames, st["dictionary"].n_atoms):
             raise DataError(f"run_design returned shape {design.shape}, expected "
@@ -379,7 +399,8 @@ class ModelAtomsPlant:
                                ("model", "neurons", "layers", "word_pooling", "hrf", "context_tokens",
                                 "window_tokens", "n_atoms", "sparsity", "atom_tr", "seed", "restarts",
                                 "min_stability", "dtype")}
-            out["model_card"] = {k: v for k, v in self._state["activations"].card.items()
+            first = next(iter(self._state["activations"].values()))
+            out["model_card"] = {k: v for k, v in first.card.items()
                                  if isinstance(v, (str, int, float, bool, type(None), list))}
             out["dictionary"] = {"r2": float(d.r2), "alpha": float(d.alpha), "n_atoms": int(d.n_atoms)}
             from ..patterns.consensus import atom_stability
