@@ -213,3 +213,12 @@ def test_run_shorter_than_the_story_is_fitted_with_a_warning(caplog):
                            n_permutations=20)
     assert "short_bold: 150 frames, shorter than the story (200 frames)" in caplog.text
     assert res.cv_r.shape == (V,) and np.isfinite(res.cv_r).all()
+
+
+def test_a_run_too_short_for_the_cross_validation_is_a_data_error():
+    """39 frames, 2 outer folds and a 5-frame gap leave the inner splits nothing to train on."""
+    rng = np.random.default_rng(0)
+    Y, D = rng.standard_normal((39, 10)), rng.standard_normal((39, 3))
+    with pytest.raises(DataError, match="39 frames are too few for the cross-validation"):
+        fit_encoding([RunData(Y, D)], n_permutations=0, cv_folds=2)
+    assert fit_encoding([RunData(Y, D)], n_permutations=0, cv_folds=5).cv_r.shape == (10,)

@@ -339,6 +339,22 @@ def _outer_inner_folds(lengths: list[int], cv_folds: int, gap: int, inner_folds:
     return outer, scheme
 
 
+def _check_folds(folds, scheme: str, n_frames: int, n_atoms: int) -> None:
+    """Every outer and inner training and test set has frames (DataError naming the shortfall).
+
+    A short run with several folds (e.g. 39 frames, 2 outer folds and a 5-frame gap) leaves
+    the inner splits of an outer training set without training frames.
+    """
+    for f, (train, test, inner) in enumerate(folds):
+        sizes = [len(train), len(test)] + [n for tr, te in inner for n in (len(tr), len(te))]
+        if min(sizes) < 2 or len(train) <= n_atoms:
+            raise DataError(
+                f"{n_frames} frames are too few for the cross-validation ({scheme}, 3 inner blocks to "
+                f"choose the ridge penalty): outer fold {f + 1} trains on {len(train)} frames, its inner "
+                f"splits on {min((len(tr) for tr, _ in inner), default=0)}; {n_atoms} atoms need more. "
+                "Try another --cv-folds (more folds train on more frames), or longer runs")
+
+
 def _glm_run(Y: np.ndarray, D: np.ndarray, n_conf: int, noise_model: str):
     """Effects, variances and df of the atoms in one run. Y (n, v) float64, D (n, K).
 
@@ -496,6 +512,7 @@ def fit_encoding(
     Dc = np.concatenate(prep.D).astype(np.float32)  # (n_total, K)
     Draw = np.concatenate(prep.D_raw)  # the same before confound regression
     folds, scheme = _outer_inner_folds(lengths, cv_folds, gap, inner_folds)
+    _check_folds(folds, scheme, sum(lengths), K)
     cleaners = [_FoldCleaner(prep.C, slices, train, test) for train, test, _ in folds]
     shifts = stats.circular_shifts(lengths, n_permutations, min_shift_fraction, seed) if n_permutations else None
     # residual degrees of freedom of each run's atom model (the confounds were regressed out before)
