@@ -88,7 +88,7 @@ def test_verbose_from_config_file_is_kept(tmp_path):
 
 
 def test_demo_command_usage_error_is_64(tmp_path, capsys):
-    from bids_llm_encode.demo.generate import main as demo_main
+    from bids_llm_encode.demo.cli import main as demo_main
 
     assert demo_main([str(tmp_path / "d"), "--participants", "many"]) == EXIT_USAGE
     assert "invalid int value" in capsys.readouterr().err

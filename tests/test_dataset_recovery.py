@@ -26,7 +26,7 @@ import pandas as pd
 import pytest
 
 from bids_llm_encode.bids.validate import run_validator, validate_derivatives
-from bids_llm_encode.demo.generate import generate_demo
+from bids_llm_encode.demo.narratives import generate_demo
 from truth import found_links, precision_recall, truth_links
 
 SMALL = ["--n-atoms", "16"]  # the plant's dictionary: the same settings
@@ -55,7 +55,7 @@ def _cli(*args: str) -> list[str]:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory, session_cache):
     root = tmp_path_factory.mktemp("dataset_recovery")
-    ds = generate_demo(root / "ds", plant="model-atoms", layout="narratives", cache_dir=session_cache,
+    ds = generate_demo(root / "ds", plant="model-atoms", cache_dir=session_cache,
                        model_options={"n_atoms": 16})
     cache = root / "cache"
     _cache_without_dictionaries(session_cache, cache)

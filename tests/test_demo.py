@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 
 from bids_llm_encode.demo import generate as gen
+from bids_llm_encode.demo.cli import main as demo_main
 from bids_llm_encode.demo.plants import Coupling, DemoRun, WordFeaturesPlant, choose_distinct_atoms
 from bids_llm_encode.errors import CantCreateError, UsageError
 
@@ -279,7 +280,7 @@ def test_deterministic_with_seed_and_pluggable_plant(demo, tmp_path):
     assert t2["runs"] == [r for r in t3["runs"] if r["subject"] != "03"]
     plant = SineDrive()
     other = gen.generate_demo(tmp_path / "other", plant=plant, n_subjects=2, seed=1)
-    assert gen.main([str(tmp_path / "other"), "--plant", "word-features"]) == CantCreateError.exit_code
+    assert demo_main([str(tmp_path / "other"), "--plant", "word-features"]) == CantCreateError.exit_code
     assert plant.prepared >= 900
     t = _truth(other)
     assert t["plant"]["kind"] == "sine" and [c["signal"] for c in t["couplings"]] == ["sine"]
@@ -309,9 +310,11 @@ def test_word_features_plant_signals_are_distinct():
 def test_cli_errors_have_exit_codes(tmp_path, capsys):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
-    assert gen.main([str(tmp_path / "full"), "--plant", "word-features"]) == CantCreateError.exit_code
+    assert demo_main([str(tmp_path / "full"), "--plant", "word-features"]) == CantCreateError.exit_code
     assert "not an empty folder" in capsys.readouterr().err
-    assert gen.main([str(tmp_path / "new"), "--participants", "1"]) == UsageError.exit_code
+    assert demo_main([str(tmp_path / "new"), "--participants", "1"]) == UsageError.exit_code
+    assert demo_main([str(tmp_path / "new"), "--layout", "narratives", "--participants", "4"]) == UsageError.exit_code
+    assert "its own 8 participants" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
     with pytest.raises(UsageError, match="unknown plant"):
         gen.generate_demo(tmp_path / "n2", plant="nonsense")

