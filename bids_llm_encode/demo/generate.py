@@ -830,6 +830,21 @@ def story_truth(name: str, al: Alignment) -> dict:
             "stim_file": f"{name}_audio.wav", "alignment": f"stimuli/gentle/{name}/align.csv"}
 
 
+def plant_signals(plant, story: Story, run: DemoRun) -> tuple[np.ndarray, list[str]]:
+    """``plant.signals(story, run)`` as float64, checked to be (run.n_frames, number of names)."""
+    sig, names = plant.signals(story, run)
+    sig = np.asarray(sig, float)
+    if sig.shape != (run.n_frames, len(names)):
+        raise DataError(f"plant {plant.kind} returned signals of shape {sig.shape}, expected "
+                        f"({run.n_frames}, {len(names)})")
+    return sig, list(names)
+
+
+def _echo_scale(echo_time: float) -> np.float32:
+    """A single echo's signal relative to the combined series: exp(-TE / T2*), T2* = 30 ms (grey matter at 3 T)."""
+    return np.float32(np.exp(-echo_time / 0.030))
+
+
 def _write_runs(root: Path, plant, story: Story, al: Alignment, subs: list, grid: Grid,
                 couplings: list, weights: np.ndarray, seed: int,
                 weights_g: Optional[np.ndarray] = None) -> list:
@@ -856,11 +871,7 @@ def _write_runs(root: Path, plant, story: Story, al: Alignment, subs: list, grid
         for run in s["runs"]:
             n_frames = _n_frames(s["onset"], al.duration, TR)
             drun = DemoRun(subject=s["label"], run=run, tr=TR, n_frames=n_frames, story_onset=s["onset"])
-            sig, names = plant.signals(story, drun)
-            sig = np.asarray(sig, float)
-            if sig.shape != (n_frames, len(names)):
-                raise DataError(f"plant {plant.kind} returned signals of shape {sig.shape}, expected "
-                                f"({n_frames}, {len(names)})")
+            sig, names = plant_signals(plant, story, drun)
             z = _zscore(sig)
             zc = np.column_stack([z[:, names.index(c.signal)] for c in couplings])  # (T, C)
             pct = zc @ (weights * jitter[:, None].astype(np.float32))  # (T, V) percent
@@ -959,7 +970,7 @@ def write_run(root: Path, sub: str, ent: str, bold: np.ndarray, motion: np.ndarr
     _write_nifti(fdir / f"{ent}_{space}_desc-preproc_bold.nii.gz", _bold_img(data4d, grid.affine, TR))
     for e, te in enumerate(echo_times, start=1):
         _write_nifti(fdir / f"{ent}_echo-{e}_{space}_desc-preproc_bold.nii.gz",
-                     _bold_img(data4d * np.float32(np.exp(-te / 0.030)), grid.affine, TR))
+                     _bold_img(data4d * _echo_scale(te), grid.affine, TR))
     del data4d
     _write_json(fdir / f"{ent}_{space}_desc-preproc_bold.json", {
         "RepetitionTime": TR, "SkullStripped": False, "SliceTimingCorrected": True,
@@ -1122,7 +1133,7 @@ def _write_raw_run(root: Path, folder: str, ent: str, bold: np.ndarray, grid: Gr
     }
     for e, te in (enumerate(echo_times, start=1) if echo_times else [(None, None)]):
         echo = "" if e is None else f"_echo-{e}"
-        scale = 1.0 if e is None else np.float32(np.exp(-te / 0.030))
+        scale = 1.0 if e is None else _echo_scale(te)
         _write_nifti(fdir / f"{ent}{echo}_bold.nii.gz", _bold_img(coarse * scale, aff, TR))
         _write_json(fdir / f"{ent}{echo}_bold.json", dict(sidecar, **({} if te is None else {"EchoTime": te})))
     _write_tsv(fdir / f"{ent}_events.tsv", events)

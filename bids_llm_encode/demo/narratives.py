@@ -36,7 +36,7 @@ import numpy as np
 from ..errors import DataError
 from ..records import Atlas
 from .generate import (NOISE, TAIL_S, TR, TRUTH_FILE, DemoRun, _synth_run, _write_json, _write_tsv, _zscore,
-                       align_story, planted_weights, story_events, story_text, story_truth, truth_skeleton,
+                       align_story, plant_signals, planted_weights, story_events, story_text, story_truth, truth_skeleton,
                        write_dataset, write_dataset_top,
                        write_fmriprep_description, write_run, write_story_files, write_voxel_maps)
 from .plants import make_plant
@@ -177,11 +177,7 @@ def _write_scan(root: Path, plant, stories: dict, aligned: dict, p: Participant,
     sig, sig_names = None, None
     for name, onset in zip(names, onsets):  # each story drives the run at its own onset
         drun = DemoRun(subject=p.label, run=None, tr=TR, n_frames=n_frames, story_onset=onset)
-        s, sig_names = plant.signals(stories[name], drun)
-        s = np.asarray(s, float)
-        if s.shape != (n_frames, len(sig_names)):
-            raise DataError(f"plant {plant.kind} returned signals of shape {s.shape}, expected "
-                            f"({n_frames}, {len(sig_names)})")
+        s, sig_names = plant_signals(plant, stories[name], drun)
         sig = s if sig is None else sig + s
     z = _zscore(sig)
     zc = np.column_stack([z[:, sig_names.index(c.signal)] for c in couplings])

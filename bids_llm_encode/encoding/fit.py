@@ -349,8 +349,8 @@ def _check_folds(folds, scheme: str, n_frames: int, n_atoms: int) -> None:
         sizes = [len(train), len(test)] + [n for tr, te in inner for n in (len(tr), len(te))]
         if min(sizes) < 2 or len(train) <= n_atoms:
             raise DataError(
-                f"{n_frames} frames are too few for the cross-validation ({scheme}, 3 inner blocks to "
-                f"choose the ridge penalty): outer fold {f + 1} trains on {len(train)} frames, its inner "
+                f"{n_frames} frames are too few for the cross-validation ({scheme}, {len(inner)} inner "
+                f"splits to choose the ridge penalty): outer fold {f + 1} trains on {len(train)} frames, its inner "
                 f"splits on {min((len(tr) for tr, _ in inner), default=0)}; {n_atoms} atoms need more. "
                 "Try another --cv-folds (more folds train on more frames), or longer runs")
 
